@@ -1,0 +1,254 @@
+"""The `fusion-etl` command (also `python -m fusion_etl`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from fusion_etl import manifest, storage
+from fusion_etl.config import PipelineConfig, load_config, parse_config
+from fusion_etl.errors import UserError
+
+__all__ = ["demo_config", "main"]
+
+_EPILOG = """\
+Every stage reads its inputs' manifests and writes <run_dir>/<stage>/part-NNNNN.parquet,
+a record per shard, then _manifest.json and _SUCCESS. Rerunning does only what is missing;
+a run with a changed configuration is refused unless --overwrite is given.
+"""
+
+
+def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0) -> dict[str, Any]:
+    """The embedded default job: the tiny kit's models, local storage, local Ray.
+
+    `jobs/demo.yaml` holds the same job for `ray job submit` (a test keeps them equal).
+    """
+    kit = f"{run_dir}/kit"
+    return {
+        "run_dir": run_dir,
+        "kit": {"dir": kit, "size": size, "seed": seed},
+        "target": {"name": "target", "path": f"{kit}/target"},
+        "sources": [
+            {"name": "src_llama", "path": f"{kit}/src_llama"},
+            {"name": "src_neox", "path": f"{kit}/src_neox"},
+            {"name": "src_mpt", "path": f"{kit}/src_mpt"},
+        ],
+        "prepare": {"input": f"{kit}/corpus", "block_size": 512},
+    }
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="job YAML (see jobs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="override config values, e.g. prepare.block_size=1024 run_dir=s3://bucket/run",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fusion_etl.stages import STAGES
+
+    stage_list = ", ".join(STAGES)
+    parser = argparse.ArgumentParser(
+        prog="fusion-etl",
+        description="Knowledge fusion of LLMs (FuseLLM) as a resumable Ray pipeline over object storage.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run one stage or all of them",
+        description=f"Run a stage ({stage_list}) or 'all' of them in order. Committed shards are skipped.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("stage", metavar="STAGE", help=f"one of: {stage_list}, all")
+    _add_config_args(run)
+    run.add_argument("--overwrite", action="store_true", help="replace output made with a different configuration (and redo it all)")
+    run.add_argument(
+        "--shards",
+        metavar="SPEC",
+        help="only these shards of a single stage: indices, ranges or names, e.g. 0-3,7; the manifest is written once all shards are done",
+    )
+
+    plan = sub.add_parser(
+        "plan",
+        help="show what would run and which shards are done",
+        description="For each stage: its output, its fingerprint, and how many shards are committed, to run, or refused because the configuration changed.",
+    )
+    plan.add_argument("--stage", default="all", metavar="STAGE", help=f"one of: {stage_list}, all (default)")
+    _add_config_args(plan)
+
+    status = sub.add_parser(
+        "status",
+        help="read the manifests: shards done, rows, bytes, time",
+        description="Summarise every stage's output under a run directory, from its records and manifest.",
+    )
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir", metavar="URL", help="run directory (local path or s3://...)")
+    where.add_argument("--config", "-c", metavar="FILE", help="job YAML whose run_dir to read")
+    status.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (with --config)")
+
+    demo = sub.add_parser(
+        "demo",
+        help="build the tiny models if missing and run the whole pipeline locally",
+        description="Build the tiny model kit (three sources of different architectures and tokenizers, one target) under RUN_DIR/kit once, then run every stage on local Ray with RUN_DIR as storage.",
+    )
+    demo.add_argument("--run-dir", default="runs/demo", metavar="DIR", help="where the kit and outputs go (default: runs/demo)")
+    demo.add_argument("--size", choices=["demo", "test"], default="demo", help="kit size: demo (about 2-3 min to build) or test (seconds)")
+    demo.add_argument("--seed", type=int, default=0, help="kit seed (default 0)")
+    demo.add_argument("--overwrite", action="store_true", help="redo stages whose configuration changed")
+    demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    return parser
+
+
+def _stage_names(stage: str) -> list[str]:
+    from fusion_etl.stages import STAGES, get_stage
+
+    if stage == "all":
+        return list(STAGES)
+    get_stage(stage)
+    return [stage]
+
+
+def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None) -> int:
+    from fusion_etl.runner import run_stage
+    from fusion_etl.stages import get_stage
+
+    names = _stage_names(stage)
+    if shards is not None and len(names) != 1:
+        raise UserError("--shards needs a single stage, not 'all'")
+    started = time.monotonic()
+    for name in names:
+        st = get_stage(name)
+        result = run_stage(st, cfg, overwrite=overwrite, shards=shards, num_cpus=_num_cpus(cfg, name))
+        if not result.complete:
+            return 0 if shards is not None else 1
+    print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
+    return 0
+
+
+def _num_cpus(cfg: PipelineConfig, stage: str) -> float:
+    section = getattr(cfg, stage, None)
+    return float(getattr(section, "num_cpus", 0.5))
+
+
+def _plan(cfg: PipelineConfig, stage: str) -> int:
+    from fusion_etl.stages import get_stage
+
+    storage.configure(cfg.storage)
+    for name in _stage_names(stage):
+        try:
+            plan = get_stage(name).plan(cfg)
+        except UserError as exc:
+            print(f"{name}: cannot plan yet: {exc}")
+            continue
+        state = manifest.stage_state(plan.output)
+        shard_names = [it.shard for it in plan.items]
+        if state is None:
+            verdict = f"new: {len(shard_names)} shards to run"
+        elif state.get("fingerprint") != plan.fingerprint:
+            verdict = "configuration changed: refused without --overwrite (which redoes all shards)"
+        else:
+            done = manifest.done_records(plan.output, shard_names)
+            finished = storage.exists(storage.join(plan.output, manifest.SUCCESS))
+            verdict = (
+                "up to date" if finished else f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
+            )
+        print(f"{name}: {verdict}\n  output      {plan.output}\n  fingerprint {plan.fingerprint}")
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _status(run_dir: str) -> int:
+    from fusion_etl.stages import STAGES
+
+    found = False
+    for name in STAGES:
+        url = storage.join(run_dir, name)
+        state = manifest.stage_state(url)
+        if state is None:
+            print(f"{name:<10} not started")
+            continue
+        found = True
+        if storage.exists(storage.join(url, manifest.SUCCESS)):
+            m = manifest.read_manifest(url, stage=name)
+            secs = sum(s.seconds for s in m.shards)
+            print(
+                f"{name:<10} complete  {len(m.shards)} shards  {m.rows} rows  {_human_bytes(m.bytes)}  "
+                f"{secs:.1f} s of shard work  fingerprint {m.fingerprint}"
+            )
+        else:
+            rec_dir = storage.join(url, manifest.SHARDS_DIR)
+            n = len([u for u in storage.list_files(rec_dir) if u.endswith(".json")])
+            print(f"{name:<10} partial   {n} shards committed, no manifest yet  fingerprint {state.get('fingerprint')}")
+    if not found:
+        print(f"nothing under {run_dir} yet")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fusion_etl.kit import build_kit
+
+    cfg = parse_config(demo_config(args.run_dir, size=args.size, seed=args.seed), args.overrides)
+    assert cfg.kit is not None
+    started = time.monotonic()
+    print(f"tiny model kit: {cfg.kit.dir} ({cfg.kit.size}, seed {cfg.kit.seed})", flush=True)
+    build_kit(cfg.kit.dir, size=cfg.kit.size, seed=cfg.kit.seed, log=lambda m: print(f"  kit: {m}", flush=True))
+    print(f"kit ready in {time.monotonic() - started:.1f} s", flush=True)
+    code = _run(cfg, "all", overwrite=args.overwrite, shards=None)
+    if code == 0:
+        _status(cfg.run_dir)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    parser = _parser()
+    # Overrides may stand anywhere after the subcommand (`run prepare -c job.yaml a.b=1`);
+    # argparse alone binds the positional list before the options and would reject them.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "status":
+            if args.run_dir:
+                return _status(args.run_dir)
+            cfg = load_config(args.config, args.overrides)
+            storage.configure(cfg.storage)
+            return _status(cfg.run_dir)
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "run":
+            return _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards)
+        if args.command == "plan":
+            return _plan(cfg, args.stage)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,393 @@
+"""Pipeline configuration: YAML plus dotted overrides into frozen dataclasses.
+
+A job is one YAML file (see `jobs/`). Every value can be overridden on the command line as
+`key.sub=value` (the value is parsed as YAML, so `prepare.block_size=512` is an int). Strings may
+refer to other values as `${key.sub}`, e.g. `input: ${run_dir}/kit/corpus`.
+
+Fields whose metadata says `fingerprint=False` describe *how* a stage runs (parallelism, CPUs
+per task) rather than *what* it produces; they are left out of the stage fingerprint so that
+changing them never invalidates finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from fusion_etl.errors import ConfigError
+
+__all__ = [
+    "KitConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PrepareConfig",
+    "RayConfig",
+    "StorageConfig",
+    "fingerprint",
+    "fingerprint_fields",
+    "load_config",
+    "parse_config",
+    "redact",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+_RUNTIME = {"fingerprint": False}
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Object-storage options for `s3://` URLs (local paths and `file://` need none).
+
+    Credentials are never part of the config: they come from the usual AWS environment
+    variables or config files (`AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...).
+    """
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. `http://127.0.0.1:8333`; default: AWS (or `AWS_ENDPOINT_URL`)."""
+    region: str | None = None
+    anon: bool = False
+    """Anonymous access (public buckets)."""
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where stages run."""
+
+    address: str | None = None
+    """Ray cluster to join (`auto`, `ray://...`); default: `RAY_ADDRESS`, else a local Ray."""
+    executor: Literal["ray", "inline"] = "ray"
+    """`inline` runs shards one after another in this process (debugging only)."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray started by this process; default: all."""
+    object_store_memory_mb: int = 256
+    max_in_flight: int = 0
+    """Shards submitted at once; 0: twice the cluster's CPUs."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model: the target or a source."""
+
+    name: str
+    path: str
+    """A folder written by `save_pretrained` (local path or URL)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; default: `path`."""
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+@dataclass(frozen=True)
+class KitConfig:
+    """The tiny model kit that `fusion-etl demo` builds when missing."""
+
+    dir: str = "runs/demo/kit"
+    size: Literal["demo", "test"] = "demo"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`prepare`: raw corpus files -> `prepare/part-NNNNN.parquet` (doc_id, text)."""
+
+    input: str = ""
+    """A file, a folder (searched recursively) or a glob of .jsonl[.gz], .parquet or .txt files."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """`auto` decides by file suffix; `text` makes one document per file."""
+    text_field: str = "text"
+    block_size: int = 2048
+    """Training block size; documents are cut to at most `block_size - margin` tokens."""
+    margin: int = 48
+    """Tokens kept free in each block (EOS, and room the reference keeps)."""
+    on_invalid_utf8: Literal["error", "skip"] = "error"
+    """`skip` drops undecodable lines and counts them in the shard record."""
+    num_cpus: float = field(default=0.5, metadata=_RUNTIME)
+    """CPUs reserved per shard task (below 1 so that Ray's own read tasks never starve)."""
+
+    @property
+    def max_tokens(self) -> int:
+        return self.block_size - self.margin
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole fusion run."""
+
+    run_dir: str
+    """Root URL of every stage's output: `<run_dir>/<stage>/...`."""
+    target: ModelConfig
+    sources: tuple[ModelConfig, ...] = ()
+    prepare: PrepareConfig = PrepareConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    kit: KitConfig | None = None
+
+    @property
+    def models(self) -> tuple[ModelConfig, ...]:
+        """The target first, then the sources."""
+        return (self.target, *self.sources)
+
+    def stage_url(self, stage: str) -> str:
+        return f"{self.run_dir.rstrip('/')}/{stage}"
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with errors that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: a value is required ({_type_name(tp)})")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = get_args(tp)
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # a bug here, not the user's
+
+
+def _build(cls: type[T], data: Any, prefix: str) -> T:
+    where = prefix or "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown key {name!r}; allowed keys at {where}: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: missing required key")
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    def fail(name: str, msg: str) -> None:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: {msg}")
+
+    if isinstance(obj, PrepareConfig):
+        if obj.block_size < 2:
+            fail("block_size", f"must be at least 2, got {obj.block_size}")
+        if not 0 <= obj.margin < obj.block_size:
+            fail("margin", f"must be in [0, block_size), got {obj.margin}")
+        if obj.num_cpus <= 0:
+            fail("num_cpus", f"must be positive, got {obj.num_cpus}")
+    if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
+        fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
+    if isinstance(obj, PipelineConfig):
+        names = [m.name for m in obj.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"sources: model name {dupes[0]!r} is used twice; names must be unique")
+        if not obj.run_dir:
+            fail("run_dir", "must not be empty")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML, overrides, interpolation.
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a list index")
+            node = node[int(part)]
+            continue
+        if not isinstance(node.get(part), dict | list):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {dotted!r}: {last!r} is not an index of that list")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    node = data
+    for part in dotted.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ConfigError(f"${{{dotted}}}: no such key to interpolate")
+    return node
+
+
+_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def _interpolate(data: Any, root: Any, depth: int = 0) -> Any:
+    if depth > 10:
+        raise ConfigError("${...} references nest more than 10 deep (a cycle?)")
+    if isinstance(data, str):
+        if not _REF.search(data):
+            return data
+        out = _REF.sub(lambda m: str(_lookup(root, m.group(1))), data)
+        return _interpolate(out, root, depth + 1)
+    if isinstance(data, dict):
+        return {k: _interpolate(v, root, depth) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_interpolate(v, root, depth) for v in data]
+    return data
+
+
+def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Build a `PipelineConfig` from plain data and `key.sub=value` overrides."""
+    merged: dict[str, Any] = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        _set_dotted(merged, key.strip(), value)
+    return _build(PipelineConfig, _interpolate(merged, merged), "")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a job YAML (a local file) and apply overrides."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return parse_config(data, overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain data, redaction, fingerprints.
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-able data of a config object."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def fingerprint_fields(obj: Any) -> Any:
+    """Like `to_dict`, without the fields that only say how a stage runs."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: fingerprint_fields(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if f.metadata.get("fingerprint", True)
+        }
+    if isinstance(obj, tuple | list):
+        return [fingerprint_fields(v) for v in obj]
+    return obj
+
+
+_SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|api_key", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+def redact(data: Any) -> Any:
+    """Copy of plain data with secret-looking keys and URL credentials replaced."""
+    if isinstance(data, Mapping):
+        return {
+            k: "***" if _SECRET_KEY.search(str(k)) and v is not None else redact(v)
+            for k, v in data.items()
+        }
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    if isinstance(data, str):
+        return _URL_USERINFO.sub(r"\g<scheme>***@", data)
+    return data
+
+
+def fingerprint(data: Any) -> str:
+    """A stable hash of plain data (key order does not matter)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,269 @@
+"""Plan a stage, skip committed shards, run the rest on Ray, commit the manifest.
+
+A stage is any object with a `name`, a `plan(cfg)` that lists its work items and a
+`process(cfg, item)` that turns one item into one Arrow table. Everything about storage,
+records, retries, progress and the manifest lives here, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from fusion_etl import manifest, storage
+from fusion_etl.config import PipelineConfig
+from fusion_etl.errors import UserError
+from fusion_etl.manifest import ShardRecord
+from fusion_etl.schema import parquet_bytes
+
+__all__ = [
+    "RunResult",
+    "ShardOutput",
+    "Stage",
+    "StagePlan",
+    "WorkItem",
+    "parse_shard_selection",
+    "run_stage",
+]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One unit of work and of commit: produces exactly the shard `shard`."""
+
+    shard: str
+    inputs: tuple[str, ...]
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage would do for a config."""
+
+    stage: str
+    output: str
+    fingerprint: str
+    identity: Mapping[str, Any]
+    """Everything the fingerprint hashes (recorded, and diffed to explain a refusal)."""
+    config: Mapping[str, Any]
+    """Resolved config to record in `_stage.json` and `_manifest.json`, secrets redacted."""
+    inputs: Mapping[str, str]
+    """Upstream stage URL -> fingerprint."""
+    items: tuple[WorkItem, ...]
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    """What `process` returns for one item."""
+
+    table: pa.Table
+    stats: Mapping[str, int] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    name: str
+
+    def plan(self, cfg: PipelineConfig) -> StagePlan: ...
+
+    def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    stage: str
+    total: int
+    skipped: int
+    ran: int
+    complete: bool
+    records: tuple[ShardRecord, ...]
+
+
+
+
+
+def log(msg: str) -> None:
+    print(f"[fusion-etl] {msg}", file=sys.stderr, flush=True)
+
+
+def commit_shard(cfg: PipelineConfig, stage: Stage, out_url: str, item: WorkItem) -> ShardRecord:
+    """Process one item, write its shard atomically, then its record. Runs on a worker."""
+    storage.configure(cfg.storage)
+    started = time.monotonic()
+    out = stage.process(cfg, item)
+    data = parquet_bytes(out.table, metadata={"fusion_etl.stage": stage.name, **out.metadata})
+    storage.write_bytes(storage.join(out_url, item.shard), data)
+    record = ShardRecord(
+        name=item.shard,
+        rows=out.table.num_rows,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        seconds=round(time.monotonic() - started, 3),
+        inputs=item.inputs,
+        stats=dict(out.stats),
+    )
+    manifest.write_record(out_url, record)
+    return record
+
+
+def _commit_by_name(cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem) -> ShardRecord:
+    # Workers look the stage up by name: stage objects need not pickle.
+    from fusion_etl.stages import get_stage
+
+    return commit_shard(cfg, get_stage(stage_name), out_url, item)
+
+
+def parse_shard_selection(spec: str, names: Sequence[str]) -> set[str]:
+    """`0-3,7,part-00009.parquet` -> shard names; indices refer to the plan's order."""
+    chosen: set[str] = set()
+    for raw in spec.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        if part in names:
+            chosen.add(part)
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                idx = list(range(lo, hi + 1))
+            else:
+                idx = [int(part)]
+        except ValueError:
+            raise UserError(
+                f"--shards: {part!r} is neither a shard name nor an index or range like 0-3"
+            ) from None
+        for i in idx:
+            if not 0 <= i < len(names):
+                raise UserError(f"--shards: index {i} is out of range; this stage has {len(names)} shards (0-{len(names) - 1})")
+            chosen.add(names[i])
+    return chosen
+
+
+def _progress(total: int, initial: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="shard", file=sys.stderr, mininterval=1.0)
+
+
+def _run_inline(
+    cfg: PipelineConfig, stage: Stage, out_url: str, todo: Iterable[WorkItem], on_done: Callable[[ShardRecord], None]
+) -> None:
+    for item in todo:
+        on_done(commit_shard(cfg, stage, out_url, item))
+
+
+def _run_on_ray(
+    cfg: PipelineConfig,
+    stage: Stage,
+    out_url: str,
+    todo: Sequence[WorkItem],
+    on_done: Callable[[ShardRecord], None],
+    *,
+    num_cpus: float,
+) -> None:
+    from fusion_etl.ray_utils import init_ray
+
+    ray = init_ray(cfg.ray)
+    # A worker that dies (OOM, preemption) is retried by Ray; errors in our code are not.
+    task = ray.remote(num_cpus=num_cpus, max_retries=3)(_commit_by_name)
+    cfg_ref = ray.put(cfg)
+    limit = cfg.ray.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+    pending: dict[Any, WorkItem] = {}
+    queue = list(todo)
+    while queue or pending:
+        while queue and len(pending) < limit:
+            item = queue.pop(0)
+            pending[task.remote(cfg_ref, stage.name, out_url, item)] = item
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            item = pending.pop(ref)
+            try:
+                on_done(ray.get(ref))
+            except ray.exceptions.RayTaskError as exc:
+                for other in pending:
+                    ray.cancel(other)
+                cause = exc.cause
+                if isinstance(cause, UserError):
+                    raise type(cause)(f"shard {item.shard}: {cause}") from None
+                raise
+
+
+def run_stage(
+    stage: Stage,
+    cfg: PipelineConfig,
+    *,
+    overwrite: bool = False,
+    shards: str | None = None,
+    num_cpus: float = 0.5,
+) -> RunResult:
+    """Run a stage to completion (or the selected shards), idempotently."""
+    storage.configure(cfg.storage)
+    plan = stage.plan(cfg)
+    out_url = plan.output
+    names = [it.shard for it in plan.items]
+    if len(set(names)) != len(names):
+        raise AssertionError(f"{stage.name}: duplicate shard names in plan")  # a bug, not the user's
+    state = manifest.stage_state(out_url)
+    finished = (
+        state is not None
+        and state.get("fingerprint") == plan.fingerprint
+        and storage.exists(storage.join(out_url, manifest.SUCCESS))
+    )
+    if finished and not overwrite and shards is None:
+        log(f"{stage.name}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do")
+        return RunResult(stage.name, len(names), len(names), 0, True, ())
+    manifest.begin_stage(
+        out_url,
+        stage=stage.name,
+        fingerprint=plan.fingerprint,
+        identity=plan.identity,
+        config=plan.config,
+        overwrite=overwrite,
+    )
+    done = manifest.done_records(out_url, names)
+    selected = set(names) if shards is None else parse_shard_selection(shards, names)
+    todo = [it for it in plan.items if it.shard in selected and it.shard not in done]
+    log(
+        f"{stage.name}: {len(names)} shards, {len(done)} already committed, {len(todo)} to run "
+        f"-> {out_url}"
+    )
+    records: dict[str, ShardRecord] = dict(done)
+    bar = _progress(len(selected), len(selected & set(done)), stage.name)
+    rows = 0
+
+    def on_done(record: ShardRecord) -> None:
+        nonlocal rows
+        records[record.name] = record
+        rows += record.rows
+        bar.update(1)
+        bar.set_postfix(rows=rows)
+
+    try:
+        if cfg.ray.executor == "inline":
+            _run_inline(cfg, stage, out_url, todo, on_done)
+        else:
+            _run_on_ray(cfg, stage, out_url, todo, on_done, num_cpus=num_cpus)
+    finally:
+        bar.close()
+    complete = all(n in records for n in names)
+    if complete:
+        # Every shard write has returned (we hold all their records): only now the manifest.
+        manifest.write_manifest(
+            out_url,
+            stage=stage.name,
+            fingerprint=plan.fingerprint,
+            config=plan.config,
+            inputs=plan.inputs,
+            records=[records[n] for n in names],
+        )
+        log(f"{stage.name}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows")
+    else:
+        log(f"{stage.name}: {len(records)} of {len(names)} shards committed; run again without --shards to finish")
+    return RunResult(stage.name, len(names), len(done), len(todo), complete, tuple(records[n] for n in names if n in records))
