@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "install":
         return 0
     if command == "demo":
-        return subprocess.run([str(bin_dir / "fusion-etl"), "demo", *rest], cwd=ROOT, env=env).returncode
+        return subprocess.run(
+            [str(bin_dir / "fusion-etl"), "demo", *rest], cwd=ROOT, env=env
+        ).returncode
     steps = [
         [str(bin_dir / "ruff"), "check", "fusion_etl", "tests"],
         [str(bin_dir / "ruff"), "format", "--check", "fusion_etl", "tests"],

@@ -71,7 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("stage", metavar="STAGE", help=f"one of: {stage_list}, all")
     _add_config_args(run)
-    run.add_argument("--overwrite", action="store_true", help="replace output made with a different configuration (and redo it all)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace output made with a different configuration (and redo it all)",
+    )
     run.add_argument(
         "--shards",
         metavar="SPEC",
@@ -83,7 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         help="show what would run and which shards are done",
         description="For each stage: its output, its fingerprint, and how many shards are committed, to run, or refused because the configuration changed.",
     )
-    plan.add_argument("--stage", default="all", metavar="STAGE", help=f"one of: {stage_list}, all (default)")
+    plan.add_argument(
+        "--stage", default="all", metavar="STAGE", help=f"one of: {stage_list}, all (default)"
+    )
     _add_config_args(plan)
 
     status = sub.add_parser(
@@ -94,17 +100,31 @@ def _parser() -> argparse.ArgumentParser:
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("--run-dir", metavar="URL", help="run directory (local path or s3://...)")
     where.add_argument("--config", "-c", metavar="FILE", help="job YAML whose run_dir to read")
-    status.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (with --config)")
+    status.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides (with --config)"
+    )
 
     demo = sub.add_parser(
         "demo",
         help="build the tiny models if missing and run the whole pipeline locally",
         description="Build the tiny model kit (three sources of different architectures and tokenizers, one target) under RUN_DIR/kit once, then run every stage on local Ray with RUN_DIR as storage.",
     )
-    demo.add_argument("--run-dir", default="runs/demo", metavar="DIR", help="where the kit and outputs go (default: runs/demo)")
-    demo.add_argument("--size", choices=["demo", "test"], default="demo", help="kit size: demo (about 2-3 min to build) or test (seconds)")
+    demo.add_argument(
+        "--run-dir",
+        default="runs/demo",
+        metavar="DIR",
+        help="where the kit and outputs go (default: runs/demo)",
+    )
+    demo.add_argument(
+        "--size",
+        choices=["demo", "test"],
+        default="demo",
+        help="kit size: demo (about 2-3 min to build) or test (seconds)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="kit seed (default 0)")
-    demo.add_argument("--overwrite", action="store_true", help="redo stages whose configuration changed")
+    demo.add_argument(
+        "--overwrite", action="store_true", help="redo stages whose configuration changed"
+    )
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return parser
 
@@ -123,12 +143,14 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
     from fusion_etl.stages import get_stage
 
     names = _stage_names(stage)
-    if shards is not None and len(names) != 1:
+    if shards is not None and stage == "all":
         raise UserError("--shards needs a single stage, not 'all'")
     started = time.monotonic()
     for name in names:
         st = get_stage(name)
-        result = run_stage(st, cfg, overwrite=overwrite, shards=shards, num_cpus=_num_cpus(cfg, name))
+        result = run_stage(
+            st, cfg, overwrite=overwrite, shards=shards, num_cpus=_num_cpus(cfg, name)
+        )
         if not result.complete:
             return 0 if shards is not None else 1
     print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
@@ -160,7 +182,9 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
             done = manifest.done_records(plan.output, shard_names)
             finished = storage.exists(storage.join(plan.output, manifest.SUCCESS))
             verdict = (
-                "up to date" if finished else f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
+                "up to date"
+                if finished
+                else f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
             )
         print(f"{name}: {verdict}\n  output      {plan.output}\n  fingerprint {plan.fingerprint}")
     return 0
@@ -195,7 +219,9 @@ def _status(run_dir: str) -> int:
         else:
             rec_dir = storage.join(url, manifest.SHARDS_DIR)
             n = len([u for u in storage.list_files(rec_dir) if u.endswith(".json")])
-            print(f"{name:<10} partial   {n} shards committed, no manifest yet  fingerprint {state.get('fingerprint')}")
+            print(
+                f"{name:<10} partial   {n} shards committed, no manifest yet  fingerprint {state.get('fingerprint')}"
+            )
     if not found:
         print(f"nothing under {run_dir} yet")
     return 0
@@ -208,7 +234,12 @@ def _demo(args: argparse.Namespace) -> int:
     assert cfg.kit is not None
     started = time.monotonic()
     print(f"tiny model kit: {cfg.kit.dir} ({cfg.kit.size}, seed {cfg.kit.seed})", flush=True)
-    build_kit(cfg.kit.dir, size=cfg.kit.size, seed=cfg.kit.seed, log=lambda m: print(f"  kit: {m}", flush=True))
+    build_kit(
+        cfg.kit.dir,
+        size=cfg.kit.size,
+        seed=cfg.kit.seed,
+        log=lambda m: print(f"  kit: {m}", flush=True),
+    )
     print(f"kit ready in {time.monotonic() - started:.1f} s", flush=True)
     code = _run(cfg, "all", overwrite=args.overwrite, shards=None)
     if code == 0:
@@ -245,7 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: committed shards are kept; run the same command again to resume", file=sys.stderr)
+        print(
+            "interrupted: committed shards are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     raise AssertionError(f"unhandled command {args.command}")
 

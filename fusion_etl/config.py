@@ -177,18 +177,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: expected {_type_name(tp)}, got {value!r}"
+        )
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+            raise ConfigError(
+                f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
+            )
         return value
     if origin is tuple:
         (item_tp, _ellipsis) = get_args(tp)
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
@@ -220,7 +224,9 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown key {name!r}; allowed keys at {where}: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"unknown key {name!r}; allowed keys at {where}: {', '.join(sorted(fields))}"
+        )
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -250,7 +256,9 @@ def _validate(obj: Any, prefix: str) -> None:
         names = [m.name for m in obj.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"sources: model name {dupes[0]!r} is used twice; names must be unique")
+            raise ConfigError(
+                f"sources: model name {dupes[0]!r} is used twice; names must be unique"
+            )
         if not obj.run_dir:
             fail("run_dir", "must not be empty")
 
@@ -265,7 +273,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a list index")
+                raise ConfigError(
+                    f"override {dotted!r}: {'.'.join(parts[: i + 1])} is not a list index"
+                )
             node = node[int(part)]
             continue
         if not isinstance(node.get(part), dict | list):

@@ -85,9 +85,6 @@ class RunResult:
     records: tuple[ShardRecord, ...]
 
 
-
-
-
 def log(msg: str) -> None:
     print(f"[fusion-etl] {msg}", file=sys.stderr, flush=True)
 
@@ -112,7 +109,9 @@ def commit_shard(cfg: PipelineConfig, stage: Stage, out_url: str, item: WorkItem
     return record
 
 
-def _commit_by_name(cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem) -> ShardRecord:
+def _commit_by_name(
+    cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem
+) -> ShardRecord:
     # Workers look the stage up by name: stage objects need not pickle.
     from fusion_etl.stages import get_stage
 
@@ -141,7 +140,9 @@ def parse_shard_selection(spec: str, names: Sequence[str]) -> set[str]:
             ) from None
         for i in idx:
             if not 0 <= i < len(names):
-                raise UserError(f"--shards: index {i} is out of range; this stage has {len(names)} shards (0-{len(names) - 1})")
+                raise UserError(
+                    f"--shards: index {i} is out of range; this stage has {len(names)} shards (0-{len(names) - 1})"
+                )
             chosen.add(names[i])
     return chosen
 
@@ -149,11 +150,17 @@ def parse_shard_selection(spec: str, names: Sequence[str]) -> set[str]:
 def _progress(total: int, initial: int, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="shard", file=sys.stderr, mininterval=1.0)
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit="shard", file=sys.stderr, mininterval=1.0
+    )
 
 
 def _run_inline(
-    cfg: PipelineConfig, stage: Stage, out_url: str, todo: Iterable[WorkItem], on_done: Callable[[ShardRecord], None]
+    cfg: PipelineConfig,
+    stage: Stage,
+    out_url: str,
+    todo: Iterable[WorkItem],
+    on_done: Callable[[ShardRecord], None],
 ) -> None:
     for item in todo:
         on_done(commit_shard(cfg, stage, out_url, item))
@@ -209,7 +216,9 @@ def run_stage(
     out_url = plan.output
     names = [it.shard for it in plan.items]
     if len(set(names)) != len(names):
-        raise AssertionError(f"{stage.name}: duplicate shard names in plan")  # a bug, not the user's
+        raise AssertionError(
+            f"{stage.name}: duplicate shard names in plan"
+        )  # a bug, not the user's
     state = manifest.stage_state(out_url)
     finished = (
         state is not None
@@ -217,7 +226,9 @@ def run_stage(
         and storage.exists(storage.join(out_url, manifest.SUCCESS))
     )
     if finished and not overwrite and shards is None:
-        log(f"{stage.name}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do")
+        log(
+            f"{stage.name}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
+        )
         return RunResult(stage.name, len(names), len(names), 0, True, ())
     manifest.begin_stage(
         out_url,
@@ -263,7 +274,18 @@ def run_stage(
             inputs=plan.inputs,
             records=[records[n] for n in names],
         )
-        log(f"{stage.name}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows")
+        log(
+            f"{stage.name}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows"
+        )
     else:
-        log(f"{stage.name}: {len(records)} of {len(names)} shards committed; run again without --shards to finish")
-    return RunResult(stage.name, len(names), len(done), len(todo), complete, tuple(records[n] for n in names if n in records))
+        log(
+            f"{stage.name}: {len(records)} of {len(names)} shards committed; run again without --shards to finish"
+        )
+    return RunResult(
+        stage.name,
+        len(names),
+        len(done),
+        len(todo),
+        complete,
+        tuple(records[n] for n in names if n in records),
+    )

@@ -12,7 +12,12 @@ from fusion_etl.errors import InputDataError
 
 __all__ = ["PREPARE", "check_schema", "parquet_bytes"]
 
-PREPARE = pa.schema([pa.field("doc_id", pa.string(), nullable=False), pa.field("text", pa.large_string(), nullable=False)])
+PREPARE = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("text", pa.large_string(), nullable=False),
+    ]
+)
 
 
 def check_schema(schema: pa.Schema, expected: pa.Schema, *, where: str) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
 from fusion_etl import storage
 from fusion_etl.errors import UserError
 
-__all__ = ["load_tokenizer", "tokenizer_fingerprint"]
+__all__ = ["load_tokenizer", "offsets_encoder", "tokenizer_fingerprint"]
 
 
 def _tokenizer_json(url: str) -> bytes | None:
@@ -50,3 +51,15 @@ def tokenizer_fingerprint(url: str) -> str:
     if blob is None:
         blob = load_tokenizer(url).to_str().encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def offsets_encoder(tokenizer: Any) -> Callable[[str], Sequence[tuple[int, int]]]:
+    """text -> character (start, end) of each token, without special tokens."""
+
+    def encode(text: str) -> Sequence[tuple[int, int]]:
+        offsets: Sequence[tuple[int, int]] = tokenizer.encode(
+            text, add_special_tokens=False
+        ).offsets
+        return offsets
+
+    return encode

@@ -25,7 +25,7 @@ from fusion_etl.config import PipelineConfig, fingerprint, fingerprint_fields, r
 from fusion_etl.errors import ConfigError, InputDataError, UserError
 from fusion_etl.runner import ShardOutput, StagePlan, WorkItem
 from fusion_etl.schema import PREPARE
-from fusion_etl.tokenization import load_tokenizer, tokenizer_fingerprint
+from fusion_etl.tokenization import load_tokenizer, offsets_encoder, tokenizer_fingerprint
 
 __all__ = ["PrepareStage", "split_to_fit"]
 
@@ -118,7 +118,9 @@ def _decode_line(raw: bytes, url: str, line_no: int) -> str:
         ) from None
 
 
-def _read_jsonl(url: str, field: str, skip_invalid: bool, counts: Counter[str]) -> Iterator[tuple[str, str]]:
+def _read_jsonl(
+    url: str, field: str, skip_invalid: bool, counts: Counter[str]
+) -> Iterator[tuple[str, str]]:
     with storage.open_read(url) as fh:
         for line_no, raw in enumerate(fh, start=1):
             try:
@@ -142,11 +144,15 @@ def _read_jsonl(url: str, field: str, skip_invalid: bool, counts: Counter[str]) 
             if value is None:
                 value = ""
             if not isinstance(value, str):
-                raise InputDataError(f"{url} line {line_no}: field {field!r} is {type(value).__name__}, not text")
+                raise InputDataError(
+                    f"{url} line {line_no}: field {field!r} is {type(value).__name__}, not text"
+                )
             yield str(line_no), value
 
 
-def _read_parquet(url: str, field: str, skip_invalid: bool, counts: Counter[str]) -> Iterator[tuple[str, str]]:
+def _read_parquet(
+    url: str, field: str, skip_invalid: bool, counts: Counter[str]
+) -> Iterator[tuple[str, str]]:
     import pyarrow.parquet as pq
 
     with storage.open_read(url, compression=None) as fh:
@@ -159,7 +165,12 @@ def _read_parquet(url: str, field: str, skip_invalid: bool, counts: Counter[str]
                 f"{url}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}); set prepare.text_field"
             )
         col_type = pf.schema_arrow.field(field).type
-        if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or pa.types.is_binary(col_type) or pa.types.is_large_binary(col_type)):
+        if not (
+            pa.types.is_string(col_type)
+            or pa.types.is_large_string(col_type)
+            or pa.types.is_binary(col_type)
+            or pa.types.is_large_binary(col_type)
+        ):
             raise InputDataError(f"{url}: column {field!r} has type {col_type}, expected text")
         row = 0
         for batch in pf.iter_batches(columns=[field]):
@@ -169,7 +180,9 @@ def _read_parquet(url: str, field: str, skip_invalid: bool, counts: Counter[str]
                         value = value.decode("utf-8")
                     except UnicodeDecodeError:
                         if not skip_invalid:
-                            raise InputDataError(f"{url} row {row}: invalid UTF-8 in column {field!r}") from None
+                            raise InputDataError(
+                                f"{url} row {row}: invalid UTF-8 in column {field!r}"
+                            ) from None
                         counts["invalid_utf8_skipped"] += 1
                         row += 1
                         continue
@@ -202,7 +215,9 @@ class PrepareStage:
     def _inputs(self, cfg: PipelineConfig) -> list[str]:
         src = cfg.prepare.input
         if not src:
-            raise ConfigError("prepare.input: set it to the corpus URL (a file, a folder or a glob)")
+            raise ConfigError(
+                "prepare.input: set it to the corpus URL (a file, a folder or a glob)"
+            )
         files = storage.glob(src) if any(c in src for c in "*?[") else storage.list_files(src)
         if cfg.prepare.format == "auto":
             usable = [f for f in files if _format_of(f) is not None]
@@ -272,9 +287,7 @@ class PrepareStage:
         for tok in tokenizers:
             for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=False)):
                 too_long[i] = too_long[i] or len(enc.ids) > limit
-        encoders: list[Encoder] = [
-            (lambda s, t=tok: t.encode(s, add_special_tokens=False).offsets) for tok in tokenizers
-        ]
+        encoders = [offsets_encoder(tok) for tok in tokenizers]
         out_ids: list[str] = []
         out_texts: list[str] = []
         for doc_id, text, long in zip(ids, texts, too_long, strict=True):
@@ -292,5 +305,11 @@ class PrepareStage:
                 out_texts.append(piece)
                 k += 1
         counts["documents_out"] = len(out_ids)
-        table = pa.table({"doc_id": pa.array(out_ids, pa.string()), "text": pa.array(out_texts, pa.large_string())}, schema=PREPARE)
+        table = pa.table(
+            {
+                "doc_id": pa.array(out_ids, pa.string()),
+                "text": pa.array(out_texts, pa.large_string()),
+            },
+            schema=PREPARE,
+        )
         return ShardOutput(table=table, stats=dict(counts))

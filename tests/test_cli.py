@@ -1,0 +1,54 @@
+"""The `fusion-etl` command as a user runs it: help texts, and the demo end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion_etl.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["plan"], ["status"], ["demo"]])
+def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fusion-etl")
+    if command == ["run"]:
+        assert "prepare" in out and "--overwrite" in out and "--shards" in out
+
+
+def test_unknown_arguments_and_stages(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", "prepare", "--config", "x.yaml", "--bogus"])
+    assert info.value.code == 2
+    job = tmp_path / "job.yaml"
+    job.write_text("run_dir: /tmp/x\ntarget: {name: t, path: /m}\n")
+    assert main(["run", "extract-everything", "--config", str(job)]) == 2
+    assert "unknown stage 'extract-everything'" in capsys.readouterr().err
+    assert main(["run", "all", "--config", str(job), "--shards", "0"]) == 2
+    assert "--shards needs a single stage" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_test_kit(tmp_path: Path) -> None:
+    run_dir = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "fusion_etl", "demo", "--size", "test", "--run-dir", str(run_dir)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "prepare    complete" in first.stdout
+    assert (run_dir / "prepare" / "_SUCCESS").exists()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "prepare: up to date" in second.stderr
+    status = subprocess.run(
+        [sys.executable, "-m", "fusion_etl", "status", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0 and "prepare    complete" in status.stdout
