@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="redo stages whose configuration changed"
     )
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    sub.add_parser(
+        "bench",
+        help="benchmarks, measured side by side and printed as ratios (fusion-etl bench --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -168,26 +174,31 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
     storage.configure(cfg.storage)
     for name in _stage_names(stage):
         try:
-            plan = get_stage(name).plan(cfg)
+            plans = get_stage(name).plan(cfg)
         except UserError as exc:
             print(f"{name}: cannot plan yet: {exc}")
             continue
-        state = manifest.stage_state(plan.output)
-        shard_names = [it.shard for it in plan.items]
-        if state is None:
-            verdict = f"new: {len(shard_names)} shards to run"
-        elif state.get("fingerprint") != plan.fingerprint:
-            verdict = "configuration changed: refused without --overwrite (which redoes all shards)"
-        else:
-            done = manifest.done_records(plan.output, shard_names)
-            finished = storage.exists(storage.join(plan.output, manifest.SUCCESS))
-            verdict = (
-                "up to date"
-                if finished
-                else f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
-            )
-        print(f"{name}: {verdict}\n  output      {plan.output}\n  fingerprint {plan.fingerprint}")
+        for plan in plans:
+            _print_plan(name, plan)
     return 0
+
+
+def _print_plan(name: str, plan: Any) -> None:
+    state = manifest.stage_state(plan.output)
+    shard_names = [it.shard for it in plan.items]
+    if state is None:
+        verdict = f"new: {len(shard_names)} shards to run"
+    elif state.get("fingerprint") != plan.fingerprint:
+        verdict = "configuration changed: refused without --overwrite (which redoes all shards)"
+    else:
+        done = manifest.done_records(plan.output, shard_names)
+        finished = storage.exists(storage.join(plan.output, manifest.SUCCESS))
+        verdict = (
+            "up to date"
+            if finished
+            else f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
+        )
+    print(f"{name}: {verdict}\n  output      {plan.output}\n  fingerprint {plan.fingerprint}")
 
 
 def _human_bytes(n: float) -> str:
@@ -249,6 +260,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from fusion_etl.bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = _parser()
     # Overrides may stand anywhere after the subcommand (`run prepare -c job.yaml a.b=1`);
     # argparse alone binds the positional list before the options and would reject them.

@@ -27,12 +27,14 @@ import yaml
 from fusion_etl.errors import ConfigError
 
 __all__ = [
+    "ExtractConfig",
     "KitConfig",
     "ModelConfig",
     "PipelineConfig",
     "PrepareConfig",
     "RayConfig",
     "StorageConfig",
+    "VllmConfig",
     "fingerprint",
     "fingerprint_fields",
     "load_config",
@@ -125,6 +127,51 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class VllmConfig:
+    """vLLM engine settings for `extract` (backend `vllm`)."""
+
+    tensor_parallel_size: int = 1
+    """GPUs per replica; each extract actor reserves this many."""
+    gpu_memory_utilization: float = field(default=0.85, metadata=_RUNTIME)
+    """Leave headroom: prompt log-probs materialise [tokens, vocab] logits outside vLLM's plan."""
+    max_num_batched_tokens: int = field(default=8192, metadata=_RUNTIME)
+    max_logprobs: int = 20
+    """The engine's cap on k (`extract.top_k` may not exceed it)."""
+    cpu_kv_cache_gib: int = field(default=1, metadata=_RUNTIME)
+    """KV cache on CPU-only machines (VLLM_CPU_KVCACHE_SPACE)."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`extract`: every model scores every prepared shard -> `extract/<model>/part-NNNNN.parquet`."""
+
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """`auto`: vllm when the cluster has GPUs, else transformers."""
+    top_k: int = 10
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+    """Stored log-prob precision (computation is always fp32)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Model weights/activations: auto = bf16 on GPUs that support it, fp32 on CPU."""
+    add_eos: bool = True
+    add_bos: bool = False
+    max_length: int = 0
+    """Longest document in tokens; 0: the model's max_position_embeddings."""
+    actors: int = field(default=1, metadata=_RUNTIME)
+    """Replicas per model (each its own Ray actor with its own GPUs)."""
+    num_gpus: float = field(default=-1, metadata=_RUNTIME)
+    """GPUs per actor; -1: vllm.tensor_parallel_size for vllm on a GPU cluster, else 0."""
+    num_cpus: float = field(default=0.5, metadata=_RUNTIME)
+    accelerator_type: str | None = field(default=None, metadata=_RUNTIME)
+    """Ray accelerator type to pin actors to (e.g. `H100`, `A10G`)."""
+    batch_tokens: int = field(default=8192, metadata=_RUNTIME)
+    """transformers backend: padded tokens per forward pass."""
+    docs_per_call: int = field(default=256, metadata=_RUNTIME)
+    """Documents handed to the scorer at once (bounds memory of one shard's results)."""
+    seed: int = 0
+    vllm: VllmConfig = VllmConfig()
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole fusion run."""
 
@@ -133,6 +180,7 @@ class PipelineConfig:
     target: ModelConfig
     sources: tuple[ModelConfig, ...] = ()
     prepare: PrepareConfig = PrepareConfig()
+    extract: ExtractConfig = ExtractConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
@@ -248,6 +296,19 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("block_size", f"must be at least 2, got {obj.block_size}")
         if not 0 <= obj.margin < obj.block_size:
             fail("margin", f"must be in [0, block_size), got {obj.margin}")
+        if obj.num_cpus <= 0:
+            fail("num_cpus", f"must be positive, got {obj.num_cpus}")
+    if isinstance(obj, ExtractConfig):
+        if obj.top_k < 1:
+            fail("top_k", f"must be at least 1, got {obj.top_k}")
+        if obj.backend != "transformers" and obj.top_k > obj.vllm.max_logprobs:
+            fail(
+                "top_k",
+                f"{obj.top_k} exceeds the vLLM engine's max_logprobs ({obj.vllm.max_logprobs}); "
+                "lower top_k or raise extract.vllm.max_logprobs",
+            )
+        if obj.actors < 1:
+            fail("actors", f"must be at least 1, got {obj.actors}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
     if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):

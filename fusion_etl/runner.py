@@ -23,6 +23,7 @@ from fusion_etl.manifest import ShardRecord
 from fusion_etl.schema import parquet_bytes
 
 __all__ = [
+    "ActorPool",
     "RunResult",
     "ShardOutput",
     "Stage",
@@ -67,12 +68,27 @@ class ShardOutput:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ActorPool:
+    """Run a plan's shards on long-lived actors (a model loads once per actor, not per shard)."""
+
+    size: int
+    options: Mapping[str, Any]
+    """`ray.remote` options: num_cpus, num_gpus, accelerator_type, runtime_env."""
+
+
 class Stage(Protocol):
     name: str
 
-    def plan(self, cfg: PipelineConfig) -> StagePlan: ...
+    def plan(self, cfg: PipelineConfig) -> list[StagePlan]:
+        """One plan per output folder (extract: one per model)."""
+        ...
 
     def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput: ...
+
+    def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
+        """None: plain Ray tasks, one per shard."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -202,6 +218,75 @@ def _run_on_ray(
                 raise
 
 
+class ShardActor:
+    """A long-lived worker; stage state (a loaded model) lives in its process caches."""
+
+    def commit(
+        self, cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem
+    ) -> ShardRecord:
+        return _commit_by_name(cfg, stage_name, out_url, item)
+
+
+MAX_ACTOR_DEATHS_PER_SHARD = 3
+
+
+def _run_on_actors(
+    cfg: PipelineConfig,
+    stage: Stage,
+    out_url: str,
+    todo: Sequence[WorkItem],
+    on_done: Callable[[ShardRecord], None],
+    *,
+    pool: ActorPool,
+) -> None:
+    from fusion_etl.ray_utils import init_ray
+
+    ray = init_ray(cfg.ray)
+    actor_cls = ray.remote(ShardActor).options(max_restarts=0, **dict(pool.options))
+    cfg_ref = ray.put(cfg)
+    actors = [actor_cls.remote() for _ in range(min(pool.size, len(todo)))]
+    idle = list(actors)
+    queue = list(todo)
+    pending: dict[Any, tuple[Any, WorkItem]] = {}
+    deaths: dict[str, int] = {}
+    try:
+        while queue or pending:
+            while queue and idle:
+                actor, item = idle.pop(0), queue.pop(0)
+                pending[actor.commit.remote(cfg_ref, stage.name, out_url, item)] = (actor, item)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            actor, item = pending.pop(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                # The process died (OOM, preemption, a crash in native code): replace it and
+                # hand its shard out again. Deterministic shard names make the retry safe.
+                deaths[item.shard] = deaths.get(item.shard, 0) + 1
+                if deaths[item.shard] >= MAX_ACTOR_DEATHS_PER_SHARD:
+                    raise RuntimeError(
+                        f"shard {item.shard}: its actor died {deaths[item.shard]} times; last: {exc}"
+                    ) from None
+                log(
+                    f"{stage.name}: actor died on {item.shard} ({type(exc).__name__}); replacing it and retrying"
+                )
+                actors.remove(actor)
+                fresh = actor_cls.remote()
+                actors.append(fresh)
+                idle.append(fresh)
+                queue.insert(0, item)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, UserError):
+                    raise type(cause)(f"shard {item.shard}: {cause}") from None
+                raise
+            on_done(record)
+            idle.append(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
 def run_stage(
     stage: Stage,
     cfg: PipelineConfig,
@@ -210,15 +295,41 @@ def run_stage(
     shards: str | None = None,
     num_cpus: float = 0.5,
 ) -> RunResult:
-    """Run a stage to completion (or the selected shards), idempotently."""
+    """Run every plan of a stage to completion (or the selected shards), idempotently."""
     storage.configure(cfg.storage)
-    plan = stage.plan(cfg)
+    results = [
+        _run_plan(stage, cfg, plan, overwrite=overwrite, shards=shards, num_cpus=num_cpus)
+        for plan in stage.plan(cfg)
+    ]
+    return RunResult(
+        stage=stage.name,
+        total=sum(r.total for r in results),
+        skipped=sum(r.skipped for r in results),
+        ran=sum(r.ran for r in results),
+        complete=all(r.complete for r in results),
+        records=tuple(rec for r in results for rec in r.records),
+    )
+
+
+def _run_plan(
+    stage: Stage,
+    cfg: PipelineConfig,
+    plan: StagePlan,
+    *,
+    overwrite: bool,
+    shards: str | None,
+    num_cpus: float,
+) -> RunResult:
+    label = (
+        plan.output.rstrip("/").split("/")[-1]
+        if plan.output.rstrip("/").split("/")[-1] != stage.name
+        else stage.name
+    )
+    label = stage.name if label == stage.name else f"{stage.name}/{label}"
     out_url = plan.output
     names = [it.shard for it in plan.items]
     if len(set(names)) != len(names):
-        raise AssertionError(
-            f"{stage.name}: duplicate shard names in plan"
-        )  # a bug, not the user's
+        raise AssertionError(f"{label}: duplicate shard names in plan")  # a bug, not the user's
     state = manifest.stage_state(out_url)
     finished = (
         state is not None
@@ -227,12 +338,12 @@ def run_stage(
     )
     if finished and not overwrite and shards is None:
         log(
-            f"{stage.name}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
+            f"{label}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
         )
-        return RunResult(stage.name, len(names), len(names), 0, True, ())
+        return RunResult(label, len(names), len(names), 0, True, ())
     manifest.begin_stage(
         out_url,
-        stage=stage.name,
+        stage=label,
         fingerprint=plan.fingerprint,
         identity=plan.identity,
         config=plan.config,
@@ -242,23 +353,30 @@ def run_stage(
     selected = set(names) if shards is None else parse_shard_selection(shards, names)
     todo = [it for it in plan.items if it.shard in selected and it.shard not in done]
     log(
-        f"{stage.name}: {len(names)} shards, {len(done)} already committed, {len(todo)} to run "
-        f"-> {out_url}"
+        f"{label}: {len(names)} shards, {len(done)} already committed, {len(todo)} to run -> {out_url}"
     )
     records: dict[str, ShardRecord] = dict(done)
-    bar = _progress(len(selected), len(selected & set(done)), stage.name)
-    rows = 0
+    bar = _progress(len(selected), len(selected & set(done)), label)
+    rows = tokens = 0
+    started = time.monotonic()
 
     def on_done(record: ShardRecord) -> None:
-        nonlocal rows
+        nonlocal rows, tokens
         records[record.name] = record
         rows += record.rows
+        tokens += record.stats.get("tokens", 0)
         bar.update(1)
-        bar.set_postfix(rows=rows)
+        postfix: dict[str, Any] = {"docs": rows}
+        if tokens:
+            postfix["tok/s"] = f"{tokens / max(time.monotonic() - started, 1e-9):.0f}"
+        bar.set_postfix(postfix)
 
     try:
+        pool = stage.actor_pool(cfg, plan) if todo else None
         if cfg.ray.executor == "inline":
             _run_inline(cfg, stage, out_url, todo, on_done)
+        elif pool is not None:
+            _run_on_actors(cfg, stage, out_url, todo, on_done, pool=pool)
         else:
             _run_on_ray(cfg, stage, out_url, todo, on_done, num_cpus=num_cpus)
     finally:
@@ -268,21 +386,19 @@ def run_stage(
         # Every shard write has returned (we hold all their records): only now the manifest.
         manifest.write_manifest(
             out_url,
-            stage=stage.name,
+            stage=label,
             fingerprint=plan.fingerprint,
             config=plan.config,
             inputs=plan.inputs,
             records=[records[n] for n in names],
         )
-        log(
-            f"{stage.name}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows"
-        )
+        log(f"{label}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows")
     else:
         log(
-            f"{stage.name}: {len(records)} of {len(names)} shards committed; run again without --shards to finish"
+            f"{label}: {len(records)} of {len(names)} shards committed; run again without --shards to finish"
         )
     return RunResult(
-        stage.name,
+        label,
         len(names),
         len(done),
         len(todo),

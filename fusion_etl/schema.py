@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from fusion_etl.errors import InputDataError
 
-__all__ = ["PREPARE", "check_schema", "parquet_bytes"]
+__all__ = ["PREPARE", "check_schema", "extract_schema", "parquet_bytes"]
 
 PREPARE = pa.schema(
     [
@@ -40,3 +40,20 @@ def parquet_bytes(table: pa.Table, *, metadata: Mapping[str, str] | None = None)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=True)
     return buf.getvalue()
+
+
+def extract_schema(k: int, logprob_dtype: str) -> pa.Schema:
+    """`extract/<model>/part-NNNNN.parquet`: sparse top-k per position, real lengths only."""
+    lp = pa.float16() if logprob_dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+            pa.field("topk_logprobs", pa.list_(pa.list_(lp, k)), nullable=False),
+            pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),
+            pa.field("nll", pa.float64(), nullable=False),
+            pa.field("num_tokens", pa.int32(), nullable=False),
+            pa.field("num_bytes", pa.int32(), nullable=False),
+        ]
+    )

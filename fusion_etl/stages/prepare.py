@@ -23,7 +23,7 @@ import pyarrow as pa
 from fusion_etl import storage
 from fusion_etl.config import PipelineConfig, fingerprint, fingerprint_fields, redact, to_dict
 from fusion_etl.errors import ConfigError, InputDataError, UserError
-from fusion_etl.runner import ShardOutput, StagePlan, WorkItem
+from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem
 from fusion_etl.schema import PREPARE
 from fusion_etl.tokenization import load_tokenizer, offsets_encoder, tokenizer_fingerprint
 
@@ -230,7 +230,10 @@ class PrepareStage:
             )
         return usable
 
-    def plan(self, cfg: PipelineConfig) -> StagePlan:
+    def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
+        return None
+
+    def plan(self, cfg: PipelineConfig) -> list[StagePlan]:
         files = self._inputs(cfg)
         base = cfg.prepare.input
         identity: dict[str, Any] = {
@@ -248,15 +251,17 @@ class PrepareStage:
             )
             for i, f in enumerate(files)
         )
-        return StagePlan(
-            stage=self.name,
-            output=cfg.stage_url(self.name),
-            fingerprint=fingerprint(identity),
-            identity=identity,
-            config=redact(to_dict(cfg)),
-            inputs={},
-            items=items,
-        )
+        return [
+            StagePlan(
+                stage=self.name,
+                output=cfg.stage_url(self.name),
+                fingerprint=fingerprint(identity),
+                identity=identity,
+                config=redact(to_dict(cfg)),
+                inputs={},
+                items=items,
+            )
+        ]
 
     def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput:
         pc = cfg.prepare

@@ -1,0 +1,322 @@
+"""`extract`: every model (the target and each source) scores every prepared shard.
+
+Output: `extract/<model>/part-NNNNN.parquet`, one shard per prepared shard, with the columns of
+`schema.extract_schema`: the model's own tokens of each document (`text + eos` by default, no
+BOS, as the reference), and per position i the top-k of the distribution that predicts token
+i+1 (the last position: the distribution after the last token), log-softmaxed over the full
+vocabulary in fp32; the log-prob of each actual next token; the document's total NLL (fp64),
+token count and UTF-8 byte count, so CE per token and per byte are both derivable.
+
+Each model runs on its own pool of Ray actors (`extract.actors` replicas); a vLLM actor reserves
+`vllm.tensor_parallel_size` GPUs, so on a cluster pending extract actors are what scales the
+GPU worker group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fusion_etl import storage
+from fusion_etl.backends import Scored, Scorer, concat_scored
+from fusion_etl.config import (
+    ExtractConfig,
+    ModelConfig,
+    PipelineConfig,
+    fingerprint,
+    fingerprint_fields,
+    redact,
+    to_dict,
+)
+from fusion_etl.errors import InputDataError, UserError
+from fusion_etl.manifest import read_manifest
+from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem
+from fusion_etl.schema import PREPARE, check_schema, extract_schema
+from fusion_etl.tokenization import tokenizer_fingerprint
+
+__all__ = ["ExtractStage", "scored_to_table"]
+
+VERSION = 1
+
+
+def _local_model_dir(model: ModelConfig) -> str:
+    local = storage.local_path(model.path)
+    if local is None or not (local / "config.json").exists():
+        raise UserError(
+            f"model {model.name!r}: {model.path} is not a local folder with config.json "
+            "(a save_pretrained folder is needed; copy remote models to local disk first)"
+        )
+    return str(local)
+
+
+def model_identity(model: ModelConfig) -> dict[str, Any]:
+    """What identifies a model's outputs: its config, weight files (names, sizes), tokenizer."""
+    path = _local_model_dir(model)
+    with open(os.path.join(path, "config.json"), "rb") as fh:
+        config_hash = hashlib.sha256(fh.read()).hexdigest()[:16]
+    weights = sorted(
+        (name, os.path.getsize(os.path.join(path, name)))
+        for name in os.listdir(path)
+        if name.endswith((".safetensors", ".bin", ".pt"))
+    )
+    return {
+        "config": config_hash,
+        "weights": weights,
+        "tokenizer": tokenizer_fingerprint(model.tokenizer_path),
+    }
+
+
+def resolve_backend(cfg: PipelineConfig) -> str:
+    ec = cfg.extract
+    if ec.backend != "auto":
+        return ec.backend
+    if cfg.ray.executor == "ray":
+        from fusion_etl.ray_utils import init_ray
+
+        has_gpus = init_ray(cfg.ray).cluster_resources().get("GPU", 0) > 0
+    else:
+        import torch
+
+        has_gpus = torch.cuda.is_available()
+    return "vllm" if has_gpus else "transformers"
+
+
+@lru_cache(maxsize=2)
+def _special_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    except Exception as exc:
+        raise UserError(f"tokenizer at {tokenizer_dir} cannot be loaded: {exc}") from None
+    return tok.bos_token_id, tok.eos_token_id
+
+
+@lru_cache(maxsize=1)
+def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
+    """One scorer per actor process, kept across shards (the model loads once)."""
+    try:
+        if backend == "vllm":
+            from fusion_etl.backends.vllm_backend import VllmScorer
+
+            v = ec.vllm
+            return VllmScorer(
+                path,
+                top_k=ec.top_k,
+                dtype=ec.dtype,
+                max_length=ec.max_length,
+                tensor_parallel_size=v.tensor_parallel_size,
+                gpu_memory_utilization=v.gpu_memory_utilization,
+                max_num_batched_tokens=v.max_num_batched_tokens,
+                max_logprobs=v.max_logprobs,
+                seed=ec.seed,
+            )
+        from fusion_etl.backends.transformers_backend import TransformersScorer
+
+        return TransformersScorer(
+            path,
+            top_k=ec.top_k,
+            dtype=ec.dtype,
+            batch_tokens=ec.batch_tokens,
+            max_length=ec.max_length,
+        )
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"model at {path} cannot be loaded with the {backend} backend: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _list_array(offsets: npt.NDArray[np.int64], values: pa.Array) -> pa.Array:
+    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values).cast(
+        pa.list_(values.type)
+    )
+
+
+def scored_to_table(
+    doc_ids: list[str],
+    input_ids: list[npt.NDArray[np.int32]],
+    num_bytes: npt.NDArray[np.int64],
+    scored: Scored,
+    *,
+    k: int,
+    logprob_dtype: str,
+) -> pa.Table:
+    """Arrow columns from flat arrays (no Python loop per entry)."""
+    lengths = scored.lengths
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tok_offsets = np.concatenate([[0], np.cumsum(lengths - 1)]).astype(np.int64)
+    lp_type = pa.float16() if logprob_dtype == "float16" else pa.float32()
+    lp_np = np.float16 if logprob_dtype == "float16" else np.float32
+    flat_ids = pa.array(scored.topk_ids.reshape(-1), pa.int32())
+    flat_lps = pa.array(scored.topk_logprobs.astype(lp_np).reshape(-1), lp_type)
+    # NLL in fp64 from the fp32 token log-probs, summed per document.
+    tok64 = scored.token_logprobs.astype(np.float64)
+    nll = -np.add.reduceat(tok64, tok_offsets[:-1]) if len(tok64) else np.zeros(len(lengths))
+    nll[lengths <= 1] = 0.0  # reduceat repeats the next value for an empty range
+    columns = {
+        "doc_id": pa.array(doc_ids, pa.string()),
+        "input_ids": _list_array(
+            offsets, pa.array(np.concatenate(input_ids).astype(np.int32), pa.int32())
+        ),
+        "topk_ids": _list_array(offsets, pa.FixedSizeListArray.from_arrays(flat_ids, k)),
+        "topk_logprobs": _list_array(offsets, pa.FixedSizeListArray.from_arrays(flat_lps, k)),
+        "token_logprobs": _list_array(tok_offsets, pa.array(scored.token_logprobs, pa.float32())),
+        "nll": pa.array(nll, pa.float64()),
+        "num_tokens": pa.array(lengths.astype(np.int32), pa.int32()),
+        "num_bytes": pa.array(num_bytes.astype(np.int32), pa.int32()),
+    }
+    return pa.table(columns, schema=extract_schema(k, logprob_dtype))
+
+
+class ExtractStage:
+    """The `extract` stage (see the module docstring)."""
+
+    name = "extract"
+
+    def plan(self, cfg: PipelineConfig) -> list[StagePlan]:
+        upstream = read_manifest(cfg.stage_url("prepare"), stage="prepare")
+        backend = resolve_backend(cfg)
+        plans = []
+        for model in cfg.models:
+            identity = {
+                "stage": self.name,
+                "version": VERSION,
+                "model": model_identity(model),
+                "backend": backend,
+                "extract": fingerprint_fields(cfg.extract),
+                "prepare": upstream.fingerprint,
+            }
+            items = tuple(
+                WorkItem(
+                    shard=s.name,
+                    inputs=(storage.join(upstream.url, s.name),),
+                    payload={"model": model.name, "backend": backend},
+                )
+                for s in upstream.shards
+            )
+            plans.append(
+                StagePlan(
+                    stage=self.name,
+                    output=storage.join(cfg.stage_url(self.name), model.name),
+                    fingerprint=fingerprint(identity),
+                    identity=identity,
+                    config=redact(to_dict(cfg)),
+                    inputs={upstream.url: upstream.fingerprint},
+                    items=items,
+                )
+            )
+        return plans
+
+    def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
+        ec = cfg.extract
+        backend = str(plan.items[0].payload["backend"]) if plan.items else "transformers"
+        num_gpus = ec.num_gpus
+        if num_gpus < 0:
+            num_gpus = (
+                float(ec.vllm.tensor_parallel_size)
+                if backend == "vllm" and _cluster_has_gpus(cfg)
+                else 0.0
+            )
+        options: dict[str, Any] = {"num_cpus": ec.num_cpus, "num_gpus": num_gpus}
+        if ec.accelerator_type:
+            options["accelerator_type"] = ec.accelerator_type
+        if backend == "vllm":
+            env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+            if num_gpus == 0:
+                env["VLLM_CPU_KVCACHE_SPACE"] = str(ec.vllm.cpu_kv_cache_gib)
+            options["runtime_env"] = {"env_vars": env}
+        return ActorPool(size=ec.actors, options=options)
+
+    def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput:
+        ec = cfg.extract
+        model = next(m for m in cfg.models if m.name == item.payload["model"])
+        backend = str(item.payload["backend"])
+        shard_url = item.inputs[0]
+        with storage.open_read(shard_url, compression=None) as fh:
+            table = pq.read_table(fh)
+        check_schema(table.schema, PREPARE, where=f"prepared shard {shard_url}")
+        doc_ids = table.column("doc_id").to_pylist()
+        texts = table.column("text").to_pylist()
+
+        path = _local_model_dir(model)
+        tok_dir = storage.local_path(model.tokenizer_path)
+        bos, eos = _special_ids(str(tok_dir) if tok_dir else path)
+        if ec.add_eos and eos is None:
+            raise UserError(
+                f"model {model.name!r}: extract.add_eos is set but its tokenizer has no EOS token"
+            )
+        if ec.add_bos and bos is None:
+            raise UserError(
+                f"model {model.name!r}: extract.add_bos is set but its tokenizer has no BOS token"
+            )
+        from fusion_etl.tokenization import load_tokenizer
+
+        tokenizer = load_tokenizer(model.tokenizer_path)
+        encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+        prefix = [bos] if ec.add_bos else []
+        suffix = [eos] if ec.add_eos else []
+        docs = [np.array(prefix + e.ids + suffix, dtype=np.int32) for e in encoded]
+
+        scorer = _scorer(path, backend, ec)
+        for doc_id, doc in zip(doc_ids, docs, strict=True):
+            if len(doc) > scorer.max_length:
+                raise InputDataError(
+                    f"document {doc_id!r} has {len(doc)} tokens under {model.name!r}, more than its maximum "
+                    f"length {scorer.max_length}; rerun prepare with prepare.block_size at most "
+                    f"{scorer.max_length} (plus prepare.margin) so that it splits such documents"
+                )
+            if len(doc) == 0:
+                raise InputDataError(f"document {doc_id!r} has no tokens under {model.name!r}")
+        parts = [
+            scorer.score(docs[i : i + ec.docs_per_call])
+            for i in range(0, len(docs), ec.docs_per_call)
+        ]
+        scored = (
+            concat_scored(parts)
+            if parts
+            else Scored(
+                np.zeros(0, np.int64),
+                np.zeros((0, ec.top_k), np.int32),
+                np.zeros((0, ec.top_k), np.float32),
+                np.zeros(0, np.float32),
+            )
+        )
+        num_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+        out = scored_to_table(
+            doc_ids,
+            docs if docs else [np.zeros(0, np.int32)],
+            num_bytes,
+            scored,
+            k=ec.top_k,
+            logprob_dtype=ec.logprob_dtype,
+        )
+        metadata = {
+            "fusion_etl.model_name": model.name,
+            "fusion_etl.model_path": model.path,
+            "fusion_etl.model_revision": json.dumps(model_identity(model), sort_keys=True),
+            "fusion_etl.top_k": str(ec.top_k),
+            "fusion_etl.logprob_dtype": ec.logprob_dtype,
+            "fusion_etl.tokenizer_fingerprint": tokenizer_fingerprint(model.tokenizer_path),
+            "fusion_etl.backend": backend,
+            "fusion_etl.add_eos": str(ec.add_eos).lower(),
+            "fusion_etl.add_bos": str(ec.add_bos).lower(),
+        }
+        return ShardOutput(
+            table=out, stats={"tokens": int(scored.lengths.sum())}, metadata=metadata
+        )
+
+
+def _cluster_has_gpus(cfg: PipelineConfig) -> bool:
+    from fusion_etl.ray_utils import init_ray
+
+    return bool(init_ray(cfg.ray).cluster_resources().get("GPU", 0) > 0)
