@@ -34,7 +34,7 @@ def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0
         "sources": [
             {"name": "src_llama", "path": f"{kit}/src_llama"},
             {"name": "src_neox", "path": f"{kit}/src_neox"},
-            {"name": "src_mpt", "path": f"{kit}/src_mpt"},
+            {"name": "src_gpt2", "path": f"{kit}/src_gpt2"},
         ],
         "prepare": {"input": f"{kit}/corpus", "block_size": 512},
     }
