@@ -27,6 +27,7 @@ import yaml
 from fusion_etl.errors import ConfigError
 
 __all__ = [
+    "AlignFuseConfig",
     "ExtractConfig",
     "KitConfig",
     "ModelConfig",
@@ -172,6 +173,23 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class AlignFuseConfig:
+    """`align_fuse`: sources' distributions onto the target's tokens, fused."""
+
+    align_method: Literal["dtw", "offsets"] = "dtw"
+    """`dtw`: the reference's edit-distance DTW; `offsets`: linear time via character spans."""
+    fusion: Literal["min_ce", "avg_ce"] = "min_ce"
+    level: Literal["sequence", "token"] = "sequence"
+    ce_unit: Literal["token", "byte"] = "token"
+    """CE per own token (the reference) or per UTF-8 byte (comparable across tokenizers)."""
+    temperature: float = 1.0
+    """AvgCE: weights are softmax(-CE / temperature)."""
+    top_k: int = 0
+    """Entries per fused position; 0: extract.top_k."""
+    num_cpus: float = field(default=0.5, metadata=_RUNTIME)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole fusion run."""
 
@@ -181,6 +199,7 @@ class PipelineConfig:
     sources: tuple[ModelConfig, ...] = ()
     prepare: PrepareConfig = PrepareConfig()
     extract: ExtractConfig = ExtractConfig()
+    align_fuse: AlignFuseConfig = AlignFuseConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
@@ -311,6 +330,11 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("actors", f"must be at least 1, got {obj.actors}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
+    if isinstance(obj, AlignFuseConfig):
+        if obj.temperature <= 0:
+            fail("temperature", f"must be positive, got {obj.temperature}")
+        if obj.top_k < 0:
+            fail("top_k", f"must be 0 (extract.top_k) or positive, got {obj.top_k}")
     if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
         fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
     if isinstance(obj, PipelineConfig):

@@ -90,6 +90,10 @@ class Stage(Protocol):
         """None: plain Ray tasks, one per shard."""
         ...
 
+    def setup(self, cfg: PipelineConfig, plan: StagePlan) -> None:
+        """Work shared by all shards of a plan (e.g. vocabulary maps), run once before them."""
+        ...
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -372,6 +376,8 @@ def _run_plan(
         bar.set_postfix(postfix)
 
     try:
+        if todo:
+            stage.setup(cfg, plan)
         pool = stage.actor_pool(cfg, plan) if todo else None
         if cfg.ray.executor == "inline":
             _run_inline(cfg, stage, out_url, todo, on_done)

@@ -10,7 +10,14 @@ import pyarrow.parquet as pq
 
 from fusion_etl.errors import InputDataError
 
-__all__ = ["PREPARE", "check_schema", "extract_schema", "parquet_bytes"]
+__all__ = [
+    "PREPARE",
+    "VOCAB_MAP",
+    "align_fuse_schema",
+    "check_schema",
+    "extract_schema",
+    "parquet_bytes",
+]
 
 PREPARE = pa.schema(
     [
@@ -57,3 +64,27 @@ def extract_schema(k: int, logprob_dtype: str) -> pa.Schema:
             pa.field("num_bytes", pa.int32(), nullable=False),
         ]
     )
+
+
+def align_fuse_schema(k: int) -> pa.Schema:
+    """`align_fuse/part-NNNNN.parquet`: fused top-k in the target vocabulary per target token."""
+    return pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("fused_ids", pa.list_(pa.list_(pa.int32(), k)), nullable=False),
+            pa.field("fused_probs", pa.list_(pa.list_(pa.float32(), k)), nullable=False),
+            pa.field("source_weights", pa.list_(pa.float32()), nullable=False),
+            pa.field("matched_fraction", pa.list_(pa.float32()), nullable=False),
+        ]
+    )
+
+
+VOCAB_MAP = pa.schema(
+    [
+        pa.field("source_id", pa.int32(), nullable=False),
+        pa.field("target_id", pa.int32(), nullable=False),
+        pa.field("distance", pa.int32(), nullable=False),
+        pa.field("how", pa.string(), nullable=False),
+    ]
+)

@@ -19,6 +19,7 @@ __all__ = [
     "BYTE_LEVEL_MARKER",
     "METASPACE_MARKER",
     "TokenizerView",
+    "as_view",
     "byte_level_decoder",
     "strip_markers",
     "view_of",
@@ -99,7 +100,9 @@ def token_to_bytes(token: str, kind: TokenizerKind) -> bytes:
 def _kind_of(spec: dict[str, Any]) -> TokenizerKind:
     """ByteLevel, Metaspace or the `▁` marker in the pre-tokenizer, decoder or normalizer decides."""
     # ensure_ascii=False: escaped JSON spells "▁" as \u2581, which would never match below.
-    blob = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder"), spec.get("normalizer")], ensure_ascii=False)
+    blob = json.dumps(
+        [spec.get("pre_tokenizer"), spec.get("decoder"), spec.get("normalizer")], ensure_ascii=False
+    )
     if '"ByteLevel"' in blob:
         return "byte_level"
     if '"Metaspace"' in blob or METASPACE_MARKER in blob:
@@ -137,3 +140,20 @@ def view_of(
         unk_id=role(unk_token),
         pad_id=role(pad_token),
     )
+
+
+def as_view(tokenizer: Any) -> TokenizerView:
+    """A `TokenizerView` of a view, a transformers fast tokenizer (special-token roles taken
+    from it) or a bare `tokenizers.Tokenizer` (no roles)."""
+    if isinstance(tokenizer, TokenizerView):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return view_of(
+            backend,
+            eos_token=tokenizer.eos_token,
+            bos_token=tokenizer.bos_token,
+            unk_token=tokenizer.unk_token,
+            pad_token=tokenizer.pad_token,
+        )
+    return view_of(tokenizer)

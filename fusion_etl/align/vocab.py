@@ -41,12 +41,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from fusion_etl.align.tokens import TokenizerView, view_of
+from fusion_etl.align.tokens import TokenizerView, as_view, view_of
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -198,15 +198,20 @@ def _special_target(
 
 
 def map_vocab(
-    source: TokenizerView, target: TokenizerView, *, workers: int = -1, chunk: int = 1024
+    source: TokenizerView | Any,
+    target: TokenizerView | Any,
+    *,
+    workers: int = -1,
+    chunk: int = 1024,
 ) -> VocabMap:
     """Maps every source token id to a target token id (rules in the module docstring).
 
     Deterministic: the result depends only on the two views, not on `workers` or `chunk`.
 
     Args:
-        source: The source tokenizer's view.
-        target: The target tokenizer's view.
+        source: The source tokenizer: a `TokenizerView`, a transformers fast tokenizer or a
+            `tokenizers.Tokenizer` (see `tokens.as_view`).
+        target: The target tokenizer, likewise.
         workers: Threads for rapidfuzz's `cdist` (-1: all cores).
         chunk: Source tokens per `cdist` call; memory is about `chunk` x |Vt| bytes.
 
@@ -217,6 +222,7 @@ def map_vocab(
         ValueError: `chunk` < 1, the target has no ordinary token to mine, or a special or hole
             needs a fallback and the target has neither unk nor eos.
     """
+    source, target = as_view(source), as_view(target)
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
     n_source = len(source.tokens)

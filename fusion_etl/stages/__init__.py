@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from fusion_etl.errors import UserError
 from fusion_etl.runner import Stage
+from fusion_etl.stages.align_fuse import AlignFuseStage
 from fusion_etl.stages.extract import ExtractStage
 from fusion_etl.stages.prepare import PrepareStage
 
 __all__ = ["STAGES", "get_stage"]
 
-STAGES: dict[str, Stage] = {"prepare": PrepareStage(), "extract": ExtractStage()}
+STAGES: dict[str, Stage] = {
+    "prepare": PrepareStage(),
+    "extract": ExtractStage(),
+    "align_fuse": AlignFuseStage(),
+}
 
 
 def get_stage(name: str) -> Stage:

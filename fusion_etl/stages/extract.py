@@ -217,6 +217,9 @@ class ExtractStage:
             )
         return plans
 
+    def setup(self, cfg: PipelineConfig, plan: StagePlan) -> None:
+        return None
+
     def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
         ec = cfg.extract
         backend = str(plan.items[0].payload["backend"]) if plan.items else "transformers"

@@ -230,6 +230,9 @@ class PrepareStage:
             )
         return usable
 
+    def setup(self, cfg: PipelineConfig, plan: StagePlan) -> None:
+        return None
+
     def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
         return None
 
