@@ -235,7 +235,11 @@ def bench_extract(args: argparse.Namespace) -> int:
         args.kit_dir, size=args.size, seed=0, log=lambda m: print(f"  kit: {m}", flush=True)
     )
     model = kit.target
-    docs = _docs(model.path, kit.corpus_dir, args.docs, args.max_tokens)
+    context = json.loads((model.path / "config.json").read_text()).get(
+        "max_position_embeddings", args.max_tokens + 1
+    )
+    # vLLM's generated step (the distribution after the last token) needs one slot of context.
+    docs = _docs(model.path, kit.corpus_dir, args.docs, min(args.max_tokens, int(context) - 1))
     print(
         f"extract benchmark: model {model.name} ({model.architecture}), {len(docs)} documents, "
         f"{sum(len(d) for d in docs)} tokens, k={args.k}, {args.repeats} timed repeats (median)\n"
