@@ -37,6 +37,16 @@ def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0
             {"name": "src_gpt2", "path": f"{kit}/src_gpt2"},
         ],
         "prepare": {"input": f"{kit}/corpus", "block_size": 512},
+        # Tiny models learn at far larger rates than the paper's 1e-5 for 7B models.
+        "train": {
+            "block_size": 256,
+            "micro_batch": 4,
+            "num_workers": 2,
+            "lr": 1e-3,
+            "warmup_ratio": 0.05,
+            "checkpoint_every": 20,
+        },
+        "evaluate": {"input": f"{kit}/heldout"},
     }
 
 
@@ -136,27 +146,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _stage_names(stage: str) -> list[str]:
-    from fusion_etl.stages import STAGES, get_stage
+    from fusion_etl.stages import STAGES, lookup
 
     if stage == "all":
         return list(STAGES)
-    get_stage(stage)
+    lookup(stage)
     return [stage]
 
 
 def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None) -> int:
     from fusion_etl.runner import run_stage
-    from fusion_etl.stages import get_stage
+    from fusion_etl.stages import get_stage, lookup
+    from fusion_etl.stages.evaluate import EvaluateStage
+    from fusion_etl.stages.train import TrainStage
 
     names = _stage_names(stage)
     if shards is not None and stage == "all":
         raise UserError("--shards needs a single stage, not 'all'")
     started = time.monotonic()
     for name in names:
-        st = get_stage(name)
-        result = run_stage(
-            st, cfg, overwrite=overwrite, shards=shards, num_cpus=_num_cpus(cfg, name)
-        )
+        whole = lookup(name)
+        if isinstance(whole, TrainStage | EvaluateStage):
+            if shards is not None:
+                raise UserError(f"--shards does not apply to {name!r}, which is not sharded")
+            result = whole.run(cfg, overwrite=overwrite)
+        else:
+            st = get_stage(name)
+            result = run_stage(
+                st, cfg, overwrite=overwrite, shards=shards, num_cpus=_num_cpus(cfg, name)
+            )
         if not result.complete:
             return 0 if shards is not None else 1
     print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
@@ -169,11 +187,18 @@ def _num_cpus(cfg: PipelineConfig, stage: str) -> float:
 
 
 def _plan(cfg: PipelineConfig, stage: str) -> int:
-    from fusion_etl.stages import get_stage
+    from fusion_etl.stages import get_stage, lookup
+    from fusion_etl.stages.evaluate import EvaluateStage
+    from fusion_etl.stages.train import TrainStage
 
     storage.configure(cfg.storage)
     for name in _stage_names(stage):
+        whole = lookup(name)
         try:
+            if isinstance(whole, TrainStage | EvaluateStage):
+                out, fp, _ = whole.describe(cfg)
+                _print_whole(name, out, fp)
+                continue
             plans = get_stage(name).plan(cfg)
         except UserError as exc:
             print(f"{name}: cannot plan yet: {exc}")
@@ -201,6 +226,21 @@ def _print_plan(name: str, plan: Any) -> None:
     print(f"{name}: {verdict}\n  output      {plan.output}\n  fingerprint {plan.fingerprint}")
 
 
+def _print_whole(name: str, out: str, fp: str) -> None:
+    state = manifest.stage_state(out)
+    if state is None:
+        verdict = "new: would run"
+    elif state.get("fingerprint") != fp:
+        verdict = (
+            "configuration changed: refused without --overwrite (which also drops its checkpoints)"
+        )
+    elif storage.exists(storage.join(out, manifest.SUCCESS)):
+        verdict = "up to date"
+    else:
+        verdict = "interrupted: would resume from its last checkpoint"
+    print(f"{name}: {verdict}\n  output      {out}\n  fingerprint {fp}")
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -209,30 +249,47 @@ def _human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _status_line(label: str, url: str) -> bool:
+    """Print one output folder's state; False if the stage never started there."""
+    state = manifest.stage_state(url)
+    if state is None:
+        return False
+    if storage.exists(storage.join(url, manifest.SUCCESS)):
+        m = manifest.read_manifest(url, stage=label)
+        secs = sum(s.seconds for s in m.shards)
+        print(
+            f"{label:<20} complete  {len(m.shards)} shards  {m.rows} rows  {_human_bytes(m.bytes)}  "
+            f"{secs:.1f} s of shard work  fingerprint {m.fingerprint}"
+        )
+    else:
+        rec_dir = storage.join(url, manifest.SHARDS_DIR)
+        n = len([u for u in storage.list_files(rec_dir) if u.endswith(".json")])
+        print(
+            f"{label:<20} partial   {n} shards committed, no manifest yet  fingerprint {state.get('fingerprint')}"
+        )
+    return True
+
+
 def _status(run_dir: str) -> int:
     from fusion_etl.stages import STAGES
 
     found = False
     for name in STAGES:
         url = storage.join(run_dir, name)
-        state = manifest.stage_state(url)
-        if state is None:
-            print(f"{name:<10} not started")
+        if _status_line(name, url):
+            found = True
             continue
-        found = True
-        if storage.exists(storage.join(url, manifest.SUCCESS)):
-            m = manifest.read_manifest(url, stage=name)
-            secs = sum(s.seconds for s in m.shards)
-            print(
-                f"{name:<10} complete  {len(m.shards)} shards  {m.rows} rows  {_human_bytes(m.bytes)}  "
-                f"{secs:.1f} s of shard work  fingerprint {m.fingerprint}"
-            )
-        else:
-            rec_dir = storage.join(url, manifest.SHARDS_DIR)
-            n = len([u for u in storage.list_files(rec_dir) if u.endswith(".json")])
-            print(
-                f"{name:<10} partial   {n} shards committed, no manifest yet  fingerprint {state.get('fingerprint')}"
-            )
+        # Stages with one output per model (extract/<model>/).
+        subs = sorted(
+            {
+                u.rsplit("/", 2)[-2]
+                for u in storage.glob(storage.join(url, "*", manifest.STAGE_FILE))
+            }
+        )
+        for sub in subs:
+            found = _status_line(f"{name}/{sub}", storage.join(url, sub)) or found
+        if not subs:
+            print(f"{name:<20} not started")
     if not found:
         print(f"nothing under {run_dir} yet")
     return 0

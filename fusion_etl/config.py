@@ -28,6 +28,7 @@ from fusion_etl.errors import ConfigError
 
 __all__ = [
     "AlignFuseConfig",
+    "EvaluateConfig",
     "ExtractConfig",
     "KitConfig",
     "ModelConfig",
@@ -35,6 +36,7 @@ __all__ = [
     "PrepareConfig",
     "RayConfig",
     "StorageConfig",
+    "TrainConfig",
     "VllmConfig",
     "fingerprint",
     "fingerprint_fields",
@@ -190,6 +192,59 @@ class AlignFuseConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """`train`: continual training of the target on the fused shards (Ray Train)."""
+
+    lam: float = 0.9
+    """lambda in  lambda * CLM + (1 - lambda) * fusion; 1.0 is plain continual training."""
+    block_size: int = 2048
+    keep_remainder: bool = True
+    """Train the last, partial block (padded and masked) as the reference does, or drop it."""
+    micro_batch: int = 1
+    """Blocks per worker per forward pass."""
+    grad_accum: int = 1
+    epochs: int = 1
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_ratio: float = 0.008
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    seed: int = 0
+    checkpoint_every: int = field(default=50, metadata=_RUNTIME)
+    """Steps between checkpoints (and always after the last step)."""
+    storage_path: str = ""
+    """Where Ray Train keeps checkpoints (any fsspec URL); default: <run_dir>/train/ray."""
+    run_name: str = "fusion"
+    output: str = ""
+    """Where the final model goes (save_pretrained + tokenizer); default: <run_dir>/train/model."""
+    num_workers: int = field(default=1, metadata=_RUNTIME)
+    use_gpu: bool = field(default=False, metadata=_RUNTIME)
+    cpus_per_worker: float = field(default=0.5, metadata=_RUNTIME)
+    """Below 1 on small machines: Ray Data's read tasks need CPUs beside the workers."""
+    gpus_per_worker: float = field(default=1.0, metadata=_RUNTIME)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`evaluate`: bits per UTF-8 byte and token perplexity of models on held-out text."""
+
+    input: str = ""
+    """Held-out jsonl files (fields `text` and `domain`): a file, a folder or a glob."""
+    text_field: str = "text"
+    domain_field: str = "domain"
+    models: tuple[ModelConfig, ...] = ()
+    """Models to score; default: the target before training, the trained target, the sources."""
+    max_length: int = 0
+    """Window in tokens for long texts; 0: the model's max_position_embeddings."""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole fusion run."""
 
@@ -200,6 +255,8 @@ class PipelineConfig:
     prepare: PrepareConfig = PrepareConfig()
     extract: ExtractConfig = ExtractConfig()
     align_fuse: AlignFuseConfig = AlignFuseConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
@@ -335,6 +392,27 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("temperature", f"must be positive, got {obj.temperature}")
         if obj.top_k < 0:
             fail("top_k", f"must be 0 (extract.top_k) or positive, got {obj.top_k}")
+    if isinstance(obj, TrainConfig):
+        if not 0.0 <= obj.lam <= 1.0:
+            fail("lam", f"must be in [0, 1], got {obj.lam}")
+        for name in (
+            "block_size",
+            "micro_batch",
+            "grad_accum",
+            "epochs",
+            "num_workers",
+            "checkpoint_every",
+        ):
+            if getattr(obj, name) < 1:
+                fail(name, f"must be at least 1, got {getattr(obj, name)}")
+        if obj.block_size < 2:
+            fail("block_size", f"must be at least 2, got {obj.block_size}")
+        if obj.lr <= 0:
+            fail("lr", f"must be positive, got {obj.lr}")
+        if not 0.0 <= obj.warmup_ratio < 1.0:
+            fail("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.run_name):
+            fail("run_name", f"{obj.run_name!r} must use letters, digits, '_', '-' or '.'")
     if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
         fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
     if isinstance(obj, PipelineConfig):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def test_demo_end_to_end_with_test_kit(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "fusion_etl", "demo", "--size", "test", "--run-dir", str(run_dir)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "prepare    complete" in first.stdout
+    assert re.search(r"^prepare\s+complete", first.stdout, re.M)
     assert (run_dir / "prepare" / "_SUCCESS").exists()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -51,4 +52,4 @@ def test_demo_end_to_end_with_test_kit(tmp_path: Path) -> None:
         text=True,
         timeout=120,
     )
-    assert status.returncode == 0 and "prepare    complete" in status.stdout
+    assert status.returncode == 0 and re.search(r"^align_fuse\s+complete", status.stdout, re.M)

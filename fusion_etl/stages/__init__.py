@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
+from fusion_etl.config import PipelineConfig
 from fusion_etl.errors import UserError
-from fusion_etl.runner import Stage
+from fusion_etl.runner import RunResult, Stage
 from fusion_etl.stages.align_fuse import AlignFuseStage
+from fusion_etl.stages.evaluate import EvaluateStage
 from fusion_etl.stages.extract import ExtractStage
 from fusion_etl.stages.prepare import PrepareStage
+from fusion_etl.stages.train import TrainStage
 
-__all__ = ["STAGES", "get_stage"]
+__all__ = ["STAGES", "WholeStage", "get_stage", "lookup"]
 
-STAGES: dict[str, Stage] = {
+
+class WholeStage(Protocol):
+    """A stage that is one job rather than shards (train): it runs and commits itself."""
+
+    name: str
+
+    def describe(self, cfg: PipelineConfig) -> tuple[str, str, dict[str, Any]]: ...
+
+    def run(self, cfg: PipelineConfig, *, overwrite: bool = False) -> RunResult: ...
+
+
+STAGES: dict[str, Stage | WholeStage] = {
     "prepare": PrepareStage(),
     "extract": ExtractStage(),
     "align_fuse": AlignFuseStage(),
+    "train": TrainStage(),
+    "evaluate": EvaluateStage(),
 }
 
 
-def get_stage(name: str) -> Stage:
+def lookup(name: str) -> Stage | WholeStage:
+    """The stage called `name`, or a clear error listing the stages."""
     try:
         return STAGES[name]
     except KeyError:
         raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}, or 'all'") from None
+
+
+def get_stage(name: str) -> Stage:
+    """A sharded stage (what Ray workers look up by name)."""
+    stage = lookup(name)
+    if isinstance(stage, TrainStage | EvaluateStage):
+        raise UserError(f"stage {name!r} is not sharded")
+    return cast(Stage, stage)

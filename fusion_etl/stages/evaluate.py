@@ -1,0 +1,251 @@
+"""`evaluate`: bits per UTF-8 byte and token perplexity of models on held-out text, by domain.
+
+Models default to the target before training, the trained target (`train`'s exported model,
+when it exists) and every source; each is scored with its own tokenizer. Bits per byte (total
+NLL / ln 2 / UTF-8 bytes) is comparable across tokenizers; token perplexity is not, and is
+reported for each model's own reading only. Writes `evaluate/results.json`, `results.md` (a
+Markdown table) and `bits_per_byte.png` (a grouped bar chart), then a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fusion_etl import manifest, storage
+from fusion_etl.config import (
+    ModelConfig,
+    PipelineConfig,
+    fingerprint,
+    fingerprint_fields,
+    redact,
+    to_dict,
+)
+from fusion_etl.errors import ConfigError, InputDataError, UserError
+from fusion_etl.manifest import ShardRecord
+from fusion_etl.runner import RunResult, log
+from fusion_etl.stages.extract import model_identity
+from fusion_etl.stages.train import train_paths
+
+__all__ = ["EvaluateStage", "markdown_table"]
+
+VERSION = 1
+FILES = ("results.json", "results.md", "bits_per_byte.png")
+
+
+def _models(cfg: PipelineConfig) -> list[ModelConfig]:
+    if cfg.evaluate.models:
+        return list(cfg.evaluate.models)
+    out = [replace(cfg.target, name=f"{cfg.target.name} (before)")]
+    train_dir, _, model_url = train_paths(cfg)
+    if storage.exists(storage.join(train_dir, manifest.SUCCESS)):
+        out.append(ModelConfig(name=f"{cfg.target.name} (trained)", path=model_url))
+    out.extend(cfg.sources)
+    return out
+
+
+def _read_heldout(cfg: PipelineConfig) -> tuple[dict[str, list[str]], list[list[Any]]]:
+    ec = cfg.evaluate
+    if not ec.input:
+        raise ConfigError(
+            "evaluate.input: set it to held-out jsonl files with `text` and `domain` fields"
+        )
+    files = [u for u in storage.list_files(ec.input) if u.endswith((".jsonl", ".jsonl.gz"))]
+    if not files:
+        raise UserError(f"evaluate.input: no .jsonl files at {ec.input}")
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for url in files:
+        with storage.open_read(url) as fh:
+            for n, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InputDataError(
+                        f"{url} line {n}: not valid JSON in UTF-8 ({exc})"
+                    ) from None
+                if ec.text_field not in row:
+                    raise InputDataError(f"{url} line {n}: no {ec.text_field!r} field")
+                by_domain[str(row.get(ec.domain_field, "all"))].append(str(row[ec.text_field]))
+    return dict(sorted(by_domain.items())), [
+        [storage.relative_name(ec.input, u), storage.size(u)] for u in files
+    ]
+
+
+def markdown_table(results: list[dict[str, Any]], domains: list[str]) -> str:
+    """Bits per byte (lower is better) per model and domain, with the average; the best per
+    column in bold; then token perplexity per model."""
+    lines = ["| model | " + " | ".join(domains) + " | average |", "|---" * (len(domains) + 2) + "|"]
+    best = {d: min(r["domains"][d]["bits_per_byte"] for r in results) for d in domains}
+    best_avg = min(r["average_bits_per_byte"] for r in results)
+    for r in results:
+        cells = []
+        for d in domains:
+            v = r["domains"][d]["bits_per_byte"]
+            cells.append(f"**{v:.4f}**" if v == best[d] else f"{v:.4f}")
+        avg = r["average_bits_per_byte"]
+        cells.append(f"**{avg:.4f}**" if avg == best_avg else f"{avg:.4f}")
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Token perplexity (each model on its own tokens; not comparable across tokenizers):",
+        "",
+    ]
+    lines += ["| model | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | "
+            + " | ".join(f"{r['domains'][d]['token_perplexity']:.2f}" for d in domains)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _chart(results: list[dict[str, Any]], domains: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(domains), 4.2), dpi=120)
+    width = 0.8 / max(len(results), 1)
+    for i, r in enumerate(results):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(domains))]
+        ax.bar(xs, [r["domains"][d]["bits_per_byte"] for d in domains], width, label=r["model"])
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_ylabel("bits per UTF-8 byte (lower is better)")
+    ax.set_title("Held-out loss by domain")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _local_model(model: ModelConfig, tmp: str) -> str:
+    """A local folder for a model that may live on object storage."""
+    local = storage.local_path(model.path)
+    if local is not None:
+        if not (local / "config.json").exists():
+            raise UserError(f"model {model.name!r}: {model.path} is not a folder with config.json")
+        return str(local)
+    target = Path(tmp) / hashlib.sha256(model.path.encode()).hexdigest()[:12]
+    for url in storage.list_files(model.path):
+        dest = target / storage.relative_name(model.path, url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(storage.read_bytes(url))
+    return str(target)
+
+
+class EvaluateStage:
+    """The `evaluate` stage (see the module docstring). One job, not sharded."""
+
+    name = "evaluate"
+
+    def describe(self, cfg: PipelineConfig) -> tuple[str, str, dict[str, Any]]:
+        _, files = _read_heldout(cfg)
+        ids: list[Any] = []
+        for m in _models(cfg):
+            if storage.local_path(m.path) is None or m.path == train_paths(cfg)[2]:
+                train_state = manifest.stage_state(cfg.stage_url("train")) or {}
+                ids.append([m.name, m.path, train_state.get("fingerprint")])
+            else:
+                ids.append([m.name, model_identity(m)])
+        identity = {
+            "stage": self.name,
+            "version": VERSION,
+            "evaluate": fingerprint_fields(cfg.evaluate),
+            "models": ids,
+            "input_files": files,
+        }
+        return cfg.stage_url(self.name), fingerprint(identity), identity
+
+    def run(self, cfg: PipelineConfig, *, overwrite: bool = False) -> RunResult:
+        storage.configure(cfg.storage)
+        out, fp, identity = self.describe(cfg)
+        state = manifest.stage_state(out)
+        if (
+            state is not None
+            and state.get("fingerprint") == fp
+            and storage.exists(storage.join(out, manifest.SUCCESS))
+            and not overwrite
+        ):
+            log(f"evaluate: up to date (fingerprint {fp})")
+            return RunResult(self.name, 1, 1, 0, True, ())
+        manifest.begin_stage(
+            out,
+            stage=self.name,
+            fingerprint=fp,
+            identity=identity,
+            config=redact(to_dict(cfg)),
+            overwrite=overwrite,
+        )
+        domains, _ = _read_heldout(cfg)
+        from fusion_etl.evaluation import score_texts
+
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for model in _models(cfg):
+                path = _local_model(model, tmp)
+                per_domain = {}
+                total = None
+                for domain, texts in domains.items():
+                    score = score_texts(path, texts, window=cfg.evaluate.max_length)
+                    per_domain[domain] = {
+                        "bits_per_byte": score.bits_per_byte,
+                        "token_perplexity": score.token_perplexity,
+                        "nats": score.nats,
+                        "tokens": score.tokens,
+                        "bytes": score.bytes,
+                    }
+                    total = score if total is None else total + score
+                avg = sum(v["bits_per_byte"] for v in per_domain.values()) / len(per_domain)
+                results.append(
+                    {
+                        "model": model.name,
+                        "path": model.path,
+                        "domains": per_domain,
+                        "average_bits_per_byte": avg,
+                    }
+                )
+                log(
+                    f"evaluate: {model.name}: "
+                    + ", ".join(f"{d} {v['bits_per_byte']:.3f}" for d, v in per_domain.items())
+                    + " bits/byte"
+                )
+        names = list(domains)
+        blobs = {
+            "results.json": json.dumps({"domains": names, "results": results}, indent=2).encode(),
+            "results.md": markdown_table(results, names).encode(),
+            "bits_per_byte.png": _chart(results, names),
+        }
+        records = []
+        for name in FILES:
+            storage.write_bytes(storage.join(out, name), blobs[name])
+            records.append(
+                ShardRecord(
+                    name,
+                    rows=len(results),
+                    bytes=len(blobs[name]),
+                    sha256=hashlib.sha256(blobs[name]).hexdigest(),
+                    seconds=0.0,
+                )
+            )
+        manifest.write_manifest(
+            out,
+            stage=self.name,
+            fingerprint=fp,
+            config=redact(to_dict(cfg)),
+            inputs={},
+            records=records,
+        )
+        print(blobs["results.md"].decode())
+        return RunResult(self.name, 1, 0, 1, True, tuple(records))

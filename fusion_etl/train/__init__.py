@@ -1,0 +1,1 @@
+"""Training: the sparse fusion loss, block packing, and the Ray Train loop."""
