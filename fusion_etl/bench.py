@@ -2,10 +2,15 @@
 
     fusion-etl bench extract [--size demo|test] [--docs N]
     fusion-etl bench align [--size demo|test] [--docs N]
+    fusion-etl bench train [--size demo|test] [--steps N]
 
 `align`: on the same real documents of the tiny kit, the pure-Python reference DTW against the
 vectorised `dtw` and the linear `offsets` method (documents/s, tokens/s, identical paths), and
 the time to map a ~32k vocabulary onto a ~50k one.
+
+`train`: step time and peak memory of fusion training (lambda 0.9, sparse top-k targets)
+against CLM-only training (lambda 1) of the same model on the same batch, each variant in a
+fresh process, alternated.
 
 `extract`: for each backend, extraction tokens/s (scoring + top-k + Arrow + Parquet) against
 bare forward tokens/s of the same model on the same batches, and stored bytes per token at
@@ -347,10 +352,130 @@ def bench_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_worker(model_dir: str, lam: float, block: int, batch: int, k: int, steps: int) -> None:
+    """One variant in its own process: median step time and peak memory over the baseline."""
+    import resource
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fusion_etl.train.loss import IGNORE, fusion_loss
+
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model.train()
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, block), generator=g).to(device)
+    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), IGNORE, device=device)], dim=1)
+    fused_ids = torch.randint(0, vocab, (batch, block, k), generator=g).to(device)
+    fused_probs = torch.rand(batch, block, k, generator=g).to(device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        fusion_loss(logits, labels, fused_ids, fused_probs, lam).total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    # The baseline is taken before any step: peak RSS only grows, so everything a step
+    # allocates (activations, logits, gradients, the loss, optimizer state) counts above it.
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up, not timed
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(
+        "RESULT "
+        + json.dumps(
+            {"step_s": statistics.median(times), "peak_extra_bytes": peak, "device": device}
+        ),
+        flush=True,
+    )
+
+
+def bench_train(args: argparse.Namespace) -> int:
+    from fusion_etl.kit import build_kit
+
+    kit = build_kit(
+        args.kit_dir, size=args.size, seed=0, log=lambda m: print(f"  kit: {m}", flush=True)
+    )
+    model_dir = str(kit.target.path)
+    vocab = int(json.loads((kit.target.path / "config.json").read_text())["vocab_size"])
+    runs: dict[str, list[dict[str, Any]]] = {"clm": [], "fusion": []}
+    for _ in range(args.rounds):
+        for name, lam in (("clm", 1.0), ("fusion", 0.9)):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fusion_etl.bench",
+                    "_train",
+                    model_dir,
+                    str(lam),
+                    str(args.block),
+                    str(args.batch),
+                    str(args.k),
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"train benchmark ({name}) failed:\n{proc.stderr[-3000:]}")
+            runs[name].append(json.loads(line[len("RESULT ") :]))
+    med = {
+        n: {key: statistics.median(r[key] for r in rs) for key in ("step_s", "peak_extra_bytes")}
+        for n, rs in runs.items()
+    }
+    device = runs["clm"][0]["device"]
+    print(
+        f"train benchmark on {device}: {kit.target.architecture} target, batch {args.batch} x {args.block} tokens, "
+        f"vocab {vocab}, k={args.k}, {args.steps} steps x {args.rounds} rounds per variant (medians)\n"
+    )
+    print(f"{'variant':<22}{'step ms':>10}{'peak extra MiB':>16}")
+    for n, label in (("clm", "CLM only (lambda 1)"), ("fusion", "fusion (lambda 0.9)")):
+        print(
+            f"{label:<22}{med[n]['step_s'] * 1000:>10.1f}{med[n]['peak_extra_bytes'] / 2**20:>16.1f}"
+        )
+    t_ratio = med["fusion"]["step_s"] / med["clm"]["step_s"]
+    m_ratio = (med["fusion"]["peak_extra_bytes"] + 1) / (med["clm"]["peak_extra_bytes"] + 1)
+    print(f"{'ratio':<22}{t_ratio:>9.2f}x{m_ratio:>15.2f}x")
+    dense = args.batch * args.block * vocab * 4
+    print(
+        f"\n  peak memory is measured above the loaded model and batch ({'CUDA allocator' if device == 'cuda' else 'process peak RSS'}); "
+        f"a dense fused target for this batch would add {dense / 2**20:.1f} MiB per teacher"
+    )
+    print("  goal: fusion <= 1.10x CLM-only in step time and in peak memory")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_vllm":
         _vllm_worker(argv[1], argv[2], int(argv[3]), int(argv[4]))
+        return 0
+    if argv and argv[0] == "_train":
+        _train_worker(
+            argv[1], float(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6])
+        )
         return 0
     parser = argparse.ArgumentParser(
         prog="fusion-etl bench",
@@ -411,8 +536,27 @@ def main(argv: list[str] | None = None) -> int:
         help="timed repeats of the fast methods, best kept (default 3)",
     )
     al.add_argument("--no-vocab", action="store_true", help="skip the 32k x 50k vocabulary map")
+    tr = sub.add_parser(
+        "train",
+        help="fusion vs CLM-only training: step time and peak memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument(
+        "--kit-dir", default="runs/bench/kit", help="where the tiny model kit is (built if missing)"
+    )
+    tr.add_argument(
+        "--size", choices=["demo", "test"], default="demo", help="kit size (default demo)"
+    )
+    tr.add_argument("--batch", type=int, default=8, help="blocks per step (default 8)")
+    tr.add_argument("--block", type=int, default=512, help="tokens per block (default 512)")
+    tr.add_argument("-k", type=int, default=10, help="fused entries per position (default 10)")
+    tr.add_argument("--steps", type=int, default=10, help="timed steps per run (default 10)")
+    tr.add_argument(
+        "--rounds", type=int, default=2, help="alternating runs per variant (default 2)"
+    )
     args = parser.parse_args(argv)
-    return bench_extract(args) if args.what == "extract" else bench_align(args)
+    return {"extract": bench_extract, "align": bench_align, "train": bench_train}[args.what](args)
 
 
 if __name__ == "__main__":

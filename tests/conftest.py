@@ -65,3 +65,56 @@ def test_kit(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from fusion_etl.kit import build_kit
 
     return build_kit(tmp_path_factory.mktemp("kit"), size="test", seed=0)
+
+
+def kit_config(kit: Any, run_dir: Path | str, *overrides: str) -> Any:
+    """A pipeline config over the test kit: its target and sources, small blocks, transformers."""
+    from fusion_etl.config import parse_config
+
+    data = {
+        "run_dir": str(run_dir),
+        "target": {"name": "target", "path": str(kit.target.path)},
+        "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources],
+        "prepare": {"input": str(kit.corpus_dir), "block_size": 256},
+        "extract": {"backend": "transformers", "dtype": "float32", "top_k": 5},
+        "train": {
+            "block_size": 64,
+            "micro_batch": 4,
+            "num_workers": 2,
+            "lr": 1e-3,
+            "warmup_ratio": 0.1,
+            "checkpoint_every": 5,
+        },
+        "evaluate": {"input": str(kit.heldout_dir)},
+        "ray": {"num_cpus": 2},
+    }
+    return parse_config(data, list(overrides))
+
+
+@pytest.fixture(scope="session")
+def extracted_run(ray_local: Any, test_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with prepare and extract done on the test kit (copy it before writing)."""
+    from fusion_etl.runner import run_stage
+    from fusion_etl.stages.extract import ExtractStage
+    from fusion_etl.stages.prepare import PrepareStage
+
+    run_dir = tmp_path_factory.mktemp("extracted")
+    cfg = kit_config(test_kit, run_dir)
+    assert run_stage(PrepareStage(), cfg).complete
+    assert run_stage(ExtractStage(), cfg).complete
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def fused_run(extracted_run: Path, test_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with prepare, extract and align_fuse done (copy it before writing)."""
+    import shutil
+
+    from fusion_etl.runner import run_stage
+    from fusion_etl.stages.align_fuse import AlignFuseStage
+
+    run_dir = tmp_path_factory.mktemp("fused") / "run"
+    for stage in ("prepare", "extract"):
+        shutil.copytree(extracted_run / stage, run_dir / stage)
+    assert run_stage(AlignFuseStage(), kit_config(test_kit, run_dir)).complete
+    return run_dir

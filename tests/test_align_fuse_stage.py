@@ -11,38 +11,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fusion_etl.config import PipelineConfig, parse_config
+from fusion_etl.config import PipelineConfig
 from fusion_etl.errors import FingerprintMismatchError, InputDataError
 from fusion_etl.manifest import read_manifest
 from fusion_etl.runner import run_stage
 from fusion_etl.schema import VOCAB_MAP, align_fuse_schema
 from fusion_etl.stages.align_fuse import AlignFuseStage
-from fusion_etl.stages.extract import ExtractStage
-from fusion_etl.stages.prepare import PrepareStage
 from fusion_etl.tokenization import load_tokenizer
+from tests.conftest import kit_config
 
 pytestmark = pytest.mark.slow
 
 
 def _cfg(kit: Any, run_dir: Path, *overrides: str) -> PipelineConfig:
-    data = {
-        "run_dir": str(run_dir),
-        "target": {"name": "target", "path": str(kit.target.path)},
-        "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources],
-        "prepare": {"input": str(kit.corpus_dir), "block_size": 256},
-        "extract": {"backend": "transformers", "dtype": "float32", "top_k": 5},
-        "ray": {"num_cpus": 2},
-    }
-    return parse_config(data, list(overrides))
+    cfg: PipelineConfig = kit_config(kit, run_dir, *overrides)
+    return cfg
 
 
-@pytest.fixture(scope="module")
-def extracted(ray_local: Any, test_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("extracted")
-    cfg = _cfg(test_kit, run_dir)
-    assert run_stage(PrepareStage(), cfg).complete
-    assert run_stage(ExtractStage(), cfg).complete
-    return run_dir
+@pytest.fixture
+def extracted(extracted_run: Path) -> Path:
+    return extracted_run
 
 
 def _copy(extracted: Path, tmp_path: Path, name: str) -> Path:
