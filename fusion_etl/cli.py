@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +37,8 @@ def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0
             {"name": "src_neox", "path": f"{kit}/src_neox"},
             {"name": "src_gpt2", "path": f"{kit}/src_gpt2"},
         ],
-        "prepare": {"input": f"{kit}/corpus", "block_size": 512},
+        # Pieces of at most block_size - margin tokens (+ EOS) must fit the kit's context.
+        "prepare": {"input": f"{kit}/corpus", "block_size": 512 if size == "demo" else 256},
         # Tiny models learn at far larger rates than the paper's 1e-5 for 7B models.
         "train": {
             "block_size": 256,
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace output made with a different configuration (and redo it all)",
+        help="replace output made with a different configuration; stages whose configuration did not change are kept",
     )
     run.add_argument(
         "--shards",
@@ -137,6 +139,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
+    jid = sub.add_parser(
+        "job-id",
+        help="print the deterministic Ray submission id of a stage and config",
+        description="Print the submission id that `fusion-etl submit` uses: the same stage and resolved config always give the same id, so `ray job submit --submission-id` refuses a second submission.",
+    )
+    jid.add_argument("stage", metavar="STAGE", help=f"one of: {stage_list}, all")
+    _add_config_args(jid)
+    jid.add_argument("--overwrite", action="store_true", help="the id of the run with --overwrite")
+
+    submit = sub.add_parser(
+        "submit",
+        help="submit `fusion-etl run STAGE` to a Ray cluster as a job",
+        description="Submit `fusion-etl run STAGE --config FILE ...` through the Ray Jobs API with a deterministic submission id. A job with the same id that is pending, running or succeeded is not submitted again; after a failed or stopped one the next attempt gets a numbered id and resumes from what was committed.",
+    )
+    submit.add_argument("stage", metavar="STAGE", help=f"one of: {stage_list}, all")
+    _add_config_args(submit)
+    submit.add_argument("--overwrite", action="store_true", help="pass --overwrite to the run")
+    submit.add_argument(
+        "--address",
+        metavar="URL",
+        help=f"Ray dashboard address (default: $RAY_ADDRESS, else {'http://127.0.0.1:8265'})",
+    )
+    submit.add_argument(
+        "--runtime-env",
+        metavar="FILE",
+        default=None,
+        help="runtime_env YAML (default: jobs/runtime_env.yaml when present)",
+    )
+    submit.add_argument(
+        "--working-dir", metavar="DIR", default=".", help="code to ship with the job (default: .)"
+    )
+    submit.add_argument(
+        "--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded"
+    )
+
     sub.add_parser(
         "bench",
         help="benchmarks, measured side by side and printed as ratios (fusion-etl bench --help)",
@@ -172,18 +209,11 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
             result = whole.run(cfg, overwrite=overwrite)
         else:
             st = get_stage(name)
-            result = run_stage(
-                st, cfg, overwrite=overwrite, shards=shards, num_cpus=_num_cpus(cfg, name)
-            )
+            result = run_stage(st, cfg, overwrite=overwrite, shards=shards)
         if not result.complete:
             return 0 if shards is not None else 1
     print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
     return 0
-
-
-def _num_cpus(cfg: PipelineConfig, stage: str) -> float:
-    section = getattr(cfg, stage, None)
-    return float(getattr(section, "num_cpus", 0.5))
 
 
 def _plan(cfg: PipelineConfig, stage: str) -> int:
@@ -341,6 +371,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             storage.configure(cfg.storage)
             return _status(cfg.run_dir)
         cfg = load_config(args.config, args.overrides)
+        if args.command in ("job-id", "submit"):
+            from fusion_etl.jobs import job_id, submit
+
+            _stage_names(args.stage)
+            if args.command == "job-id":
+                print(job_id(args.stage, cfg, overwrite=args.overwrite))
+                return 0
+            runtime_env = args.runtime_env
+            if runtime_env is None and os.path.exists(
+                os.path.join(args.working_dir, "jobs", "runtime_env.yaml")
+            ):
+                runtime_env = os.path.join(args.working_dir, "jobs", "runtime_env.yaml")
+            return submit(
+                args.stage,
+                cfg,
+                config_path=args.config,
+                overrides=args.overrides,
+                overwrite=args.overwrite,
+                address=args.address,
+                runtime_env_path=runtime_env,
+                working_dir=os.path.abspath(args.working_dir),
+                wait=args.wait,
+            )
         if args.command == "run":
             return _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards)
         if args.command == "plan":

@@ -91,6 +91,9 @@ class ModelConfig:
     """A folder written by `save_pretrained` (local path or URL)."""
     tokenizer: str | None = None
     """Tokenizer folder; default: `path`."""
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """extract backend for this model; auto: extract.backend (e.g. transformers for an
+    architecture the installed vLLM no longer serves)."""
 
     @property
     def tokenizer_path(self) -> str:
@@ -123,6 +126,8 @@ class PrepareConfig:
     """`skip` drops undecodable lines and counts them in the shard record."""
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
     """CPUs reserved per shard task (below 1 so that Ray's own read tasks never starve)."""
+    resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Custom Ray resources per task, e.g. {cpu_stage: 1} to land on (and scale) the CPU group."""
 
     @property
     def max_tokens(self) -> int:
@@ -166,6 +171,8 @@ class ExtractConfig:
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
     accelerator_type: str | None = field(default=None, metadata=_RUNTIME)
     """Ray accelerator type to pin actors to (e.g. `H100`, `A10G`)."""
+    resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Custom Ray resources per actor, e.g. {extract_gpu: 1} to land on (and scale) the GPU group."""
     batch_tokens: int = field(default=8192, metadata=_RUNTIME)
     """transformers backend: padded tokens per forward pass."""
     docs_per_call: int = field(default=256, metadata=_RUNTIME)
@@ -189,6 +196,8 @@ class AlignFuseConfig:
     top_k: int = 0
     """Entries per fused position; 0: extract.top_k."""
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
+    resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Custom Ray resources per task (see prepare.resources)."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +237,8 @@ class TrainConfig:
     cpus_per_worker: float = field(default=0.5, metadata=_RUNTIME)
     """Below 1 on small machines: Ray Data's read tasks need CPUs beside the workers."""
     gpus_per_worker: float = field(default=1.0, metadata=_RUNTIME)
+    resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Custom Ray resources per training worker, e.g. {train_gpu: 1}."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +322,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
             )
         return value
+    if origin is dict:
+        key_tp, value_tp = get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {
+            _convert(k, key_tp, key): _convert(v, value_tp, f"{key}.{k}") for k, v in value.items()
+        }
     if origin is tuple:
         (item_tp, _ellipsis) = get_args(tp)
         if not isinstance(value, Sequence) or isinstance(value, str):
@@ -327,6 +345,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads YAML 1.1, where `1e-5` (no dot) is a string; YAML 1.2 and every user
+            # read it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

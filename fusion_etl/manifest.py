@@ -152,11 +152,12 @@ def begin_stage(
         fingerprint: hash of `identity`.
         identity: everything that determines the output (compared to explain a refusal).
         config: the resolved config to record (already redacted).
-        overwrite: delete whatever is there instead of refusing.
+        overwrite: replace output made with another fingerprint (or not by fusion-etl) instead
+            of refusing; output with the same fingerprint is always kept and resumed.
     """
     state = stage_state(out_url)
-    if state is not None and state.get("fingerprint") == fingerprint and not overwrite:
-        return
+    if state is not None and state.get("fingerprint") == fingerprint:
+        return  # the same work: keep what is committed, whatever `overwrite` says
     if state is not None and not overwrite:
         raise FingerprintMismatchError(
             f"{stage}: {out_url} holds output made with a different configuration "

@@ -194,12 +194,15 @@ def _run_on_ray(
     on_done: Callable[[ShardRecord], None],
     *,
     num_cpus: float,
+    resources: Mapping[str, float],
 ) -> None:
     from fusion_etl.ray_utils import init_ray
 
     ray = init_ray(cfg.ray)
     # A worker that dies (OOM, preemption) is retried by Ray; errors in our code are not.
-    task = ray.remote(num_cpus=num_cpus, max_retries=3)(_commit_by_name)
+    task = ray.remote(num_cpus=num_cpus, resources=dict(resources) or None, max_retries=3)(
+        _commit_by_name
+    )
     cfg_ref = ray.put(cfg)
     limit = cfg.ray.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
     pending: dict[Any, WorkItem] = {}
@@ -297,13 +300,11 @@ def run_stage(
     *,
     overwrite: bool = False,
     shards: str | None = None,
-    num_cpus: float = 0.5,
 ) -> RunResult:
     """Run every plan of a stage to completion (or the selected shards), idempotently."""
     storage.configure(cfg.storage)
     results = [
-        _run_plan(stage, cfg, plan, overwrite=overwrite, shards=shards, num_cpus=num_cpus)
-        for plan in stage.plan(cfg)
+        _run_plan(stage, cfg, plan, overwrite=overwrite, shards=shards) for plan in stage.plan(cfg)
     ]
     return RunResult(
         stage=stage.name,
@@ -322,7 +323,6 @@ def _run_plan(
     *,
     overwrite: bool,
     shards: str | None,
-    num_cpus: float,
 ) -> RunResult:
     label = (
         plan.output.rstrip("/").split("/")[-1]
@@ -340,7 +340,7 @@ def _run_plan(
         and state.get("fingerprint") == plan.fingerprint
         and storage.exists(storage.join(out_url, manifest.SUCCESS))
     )
-    if finished and not overwrite and shards is None:
+    if finished and shards is None:
         log(
             f"{label}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
         )
@@ -384,7 +384,17 @@ def _run_plan(
         elif pool is not None:
             _run_on_actors(cfg, stage, out_url, todo, on_done, pool=pool)
         else:
-            _run_on_ray(cfg, stage, out_url, todo, on_done, num_cpus=num_cpus)
+            # CPUs and custom resources per task come from the stage's own config section.
+            section = getattr(cfg, stage.name, None)
+            _run_on_ray(
+                cfg,
+                stage,
+                out_url,
+                todo,
+                on_done,
+                num_cpus=float(getattr(section, "num_cpus", 0.5)),
+                resources=dict(getattr(section, "resources", {})),
+            )
     finally:
         bar.close()
     complete = all(n in records for n in names)

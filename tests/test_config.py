@@ -17,7 +17,9 @@ from fusion_etl.config import (
 )
 from fusion_etl.errors import ConfigError
 
-JOBS = sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml"))
+JOBS_DIR = Path(__file__).parent.parent / "jobs"
+# Every YAML in jobs/ is a job, except the runtime_env file that job submission uses.
+JOBS = sorted(p for p in JOBS_DIR.glob("*.yaml") if p.name != "runtime_env.yaml")
 BASE = {"run_dir": "/tmp/run", "target": {"name": "t", "path": "/m/t"}}
 
 
@@ -29,7 +31,28 @@ def test_every_job_yaml_loads(path: Path) -> None:
 
 
 def test_jobs_folder_is_not_empty() -> None:
-    assert JOBS, "jobs/ must hold at least the demo job"
+    assert {p.name for p in JOBS} >= {"demo.yaml", "paper_gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_yaml_starts_with_its_submit_command(path: Path) -> None:
+    head = "".join(path.read_text().splitlines(keepends=True)[:20])
+    assert head.startswith("#") and "ray job submit" in head and "--working-dir ." in head
+
+
+def test_paper_job_mirrors_the_paper() -> None:
+    cfg = load_config(JOBS_DIR / "paper_gpu.yaml")
+    assert cfg.extract.top_k == 10 and cfg.train.lam == 0.9 and cfg.train.block_size == 2048
+    assert cfg.train.lr == 1e-5 and cfg.train.num_workers == 8 and cfg.train.use_gpu
+    assert cfg.prepare.max_tokens == 2000 and len(cfg.sources) == 2
+    assert cfg.extract.backend == "vllm" and cfg.extract.num_gpus == 1
+
+
+def test_runtime_env_file() -> None:
+    import yaml
+
+    env = yaml.safe_load((JOBS_DIR / "runtime_env.yaml").read_text())
+    assert {".venv", "runs"} <= set(env["excludes"])
 
 
 def test_demo_yaml_is_the_embedded_demo() -> None:
@@ -51,6 +74,14 @@ def test_overrides_are_parsed_as_yaml_and_nested() -> None:
     assert cfg.sources[0].path == "/elsewhere"
     assert cfg.storage.anon is True
     assert cfg.prepare.input == "s3://b/c"
+
+
+def test_exponent_floats_without_a_dot_are_numbers() -> None:
+    # PyYAML (YAML 1.1) loads `1e-5` as a string; the config still reads it as a number.
+    cfg = parse_config({**BASE, "train": {"lr": "1e-5"}}, ["train.warmup_ratio=8e-3"])
+    assert cfg.train.lr == 1e-5 and cfg.train.warmup_ratio == 0.008
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'fast'"):
+        parse_config(BASE, ["train.lr=fast"])
 
 
 def test_interpolation_follows_overrides() -> None:

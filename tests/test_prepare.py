@@ -95,6 +95,8 @@ def test_prepare_local_and_s3_identical_and_idempotent(
     with pytest.raises(FingerprintMismatchError, match=r"prepare\.block_size: 128 -> 96"):
         run_stage(stage, changed)
     assert run_stage(stage, changed, overwrite=True).ran == first.total
+    # --overwrite replaces output of another configuration only: the same one is kept.
+    assert run_stage(stage, changed, overwrite=True).ran == 0
     storage.configure(StorageConfig())
 
 
@@ -220,7 +222,7 @@ def test_cli_errors_are_messages_not_tracebacks(test_kit: Any, tmp_path: Path) -
             {
                 "run_dir": str(tmp_path / "run"),
                 "target": {"name": "target", "path": str(test_kit.target.path)},
-                "prepare": {"input": str(bad)},
+                "prepare": {"input": str(bad), "block_size": 256},
                 "ray": {"executor": "inline"},
             }
         )
@@ -233,6 +235,9 @@ def test_cli_errors_are_messages_not_tracebacks(test_kit: Any, tmp_path: Path) -
     assert (
         proc.returncode == 2 and "prepare.block_size: expected an integer, got 'x'" in proc.stderr
     )
+    proc = _cli("run", "prepare", "--config", str(job), "prepare.block_size=4096", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "do not fit model 'target', whose context is 256 tokens" in proc.stderr
     proc = _cli(
         "run",
         "prepare",

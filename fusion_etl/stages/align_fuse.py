@@ -235,7 +235,9 @@ class AlignFuseStage:
         from fusion_etl.ray_utils import init_ray
 
         ray = init_ray(cfg.ray)
-        task = ray.remote(num_cpus=cfg.align_fuse.num_cpus)(build_vocab_map)
+        task = ray.remote(
+            num_cpus=cfg.align_fuse.num_cpus, resources=dict(cfg.align_fuse.resources) or None
+        )(build_vocab_map)
         for url in ray.get([task.remote(cfg, m.name) for m in cfg.sources]):
             log(f"align_fuse: vocabulary map {url}")
 

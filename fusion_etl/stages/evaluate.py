@@ -176,7 +176,6 @@ class EvaluateStage:
             state is not None
             and state.get("fingerprint") == fp
             and storage.exists(storage.join(out, manifest.SUCCESS))
-            and not overwrite
         ):
             log(f"evaluate: up to date (fingerprint {fp})")
             return RunResult(self.name, 1, 1, 0, True, ())

@@ -74,7 +74,10 @@ def model_identity(model: ModelConfig) -> dict[str, Any]:
     }
 
 
-def resolve_backend(cfg: PipelineConfig) -> str:
+def resolve_backend(cfg: PipelineConfig, model: ModelConfig) -> str:
+    """The model's own backend setting, else extract.backend, else by the cluster's GPUs."""
+    if model.backend != "auto":
+        return model.backend
     ec = cfg.extract
     if ec.backend != "auto":
         return ec.backend
@@ -185,9 +188,9 @@ class ExtractStage:
 
     def plan(self, cfg: PipelineConfig) -> list[StagePlan]:
         upstream = read_manifest(cfg.stage_url("prepare"), stage="prepare")
-        backend = resolve_backend(cfg)
         plans = []
         for model in cfg.models:
+            backend = resolve_backend(cfg, model)
             identity = {
                 "stage": self.name,
                 "version": VERSION,
@@ -233,6 +236,8 @@ class ExtractStage:
         options: dict[str, Any] = {"num_cpus": ec.num_cpus, "num_gpus": num_gpus}
         if ec.accelerator_type:
             options["accelerator_type"] = ec.accelerator_type
+        if ec.resources:
+            options["resources"] = dict(ec.resources)
         if backend == "vllm":
             env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
             if num_gpus == 0:

@@ -236,7 +236,23 @@ class PrepareStage:
     def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
         return None
 
+    def _check_context(self, cfg: PipelineConfig) -> None:
+        """Documents cut to block_size - margin tokens (+ EOS) must fit every model."""
+        for model in cfg.models:
+            url = storage.join(model.path, "config.json")
+            if not storage.exists(url):
+                continue
+            config = json.loads(storage.read_bytes(url))
+            context = config.get("max_position_embeddings") or config.get("n_positions")
+            if context and cfg.prepare.max_tokens + 1 > int(context):
+                raise ConfigError(
+                    f"prepare.block_size: documents of up to {cfg.prepare.max_tokens} tokens (block_size - margin) "
+                    f"plus EOS do not fit model {model.name!r}, whose context is {context} tokens; "
+                    f"set prepare.block_size to at most {int(context) - 1 + cfg.prepare.margin}"
+                )
+
     def plan(self, cfg: PipelineConfig) -> list[StagePlan]:
+        self._check_context(cfg)
         files = self._inputs(cfg)
         base = cfg.prepare.input
         identity: dict[str, Any] = {

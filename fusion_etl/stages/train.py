@@ -106,11 +106,10 @@ class TrainStage:
             state is not None
             and state.get("fingerprint") == fp
             and storage.exists(storage.join(out, manifest.SUCCESS))
-            and not overwrite
         ):
             log(f"train: up to date (fingerprint {fp}); the model is at {output}")
             return RunResult(self.name, 1, 1, 0, True, ())
-        if overwrite:
+        if overwrite and state is not None and state.get("fingerprint") != fp:
             # Old checkpoints would otherwise be resumed by the new run.
             storage.remove(storage.join(ckpt_url, tc.run_name))
             storage.remove(output)
@@ -157,6 +156,7 @@ class TrainStage:
         resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
         if tc.use_gpu:
             resources["GPU"] = tc.gpus_per_worker
+        resources.update(tc.resources)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={

@@ -1,0 +1,195 @@
+"""The pipeline as Ray jobs: a real `ray start --head` on 127.0.0.1, the Jobs API, S3 storage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from fusion_etl import storage
+from fusion_etl.config import StorageConfig, to_dict
+from tests.conftest import kit_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """`ray start --head --block` with its own ports and temp dir; stopped (only it) afterwards."""
+    temp_dir = f"/tmp/fe-{secrets.token_hex(3)}"  # short: Ray's socket paths must stay short
+    dashboard = _free_port()
+    worker_base = 20000 + secrets.randbelow(200) * 100
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}", f"--min-worker-port={worker_base}",
+        f"--max-worker-port={worker_base + 99}", f"--temp-dir={temp_dir}", "--object-store-memory=268435456",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(f"{temp_dir}.log", "wb")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"ray start failed: {Path(f'{temp_dir}.log').read_text()[-3000:]}"
+                ) from None
+            time.sleep(0.5)
+    try:
+        yield address
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Processes of this cluster only: those started under its temp dir.
+        for p in psutil.process_iter(["cmdline"]):
+            if temp_dir in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        log.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "fusion-etl"), *args], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+
+
+def _snapshot(run_url: str) -> dict[str, dict[str, str]]:
+    """stage -> {file: sha256} of everything under the run folder."""
+    out: dict[str, dict[str, str]] = {}
+    for url in storage.list_files(run_url):
+        rel = storage.relative_name(run_url, url)
+        stage = rel.split("/", 1)[0]
+        out.setdefault(stage, {})[rel] = hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    return out
+
+
+def test_pipeline_as_ray_jobs_with_single_stage_reruns(
+    ray_head: str, test_kit: Any, s3_server: Any, tmp_path: Path
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    opts = StorageConfig(endpoint_url=s3_server.endpoint_url)
+    storage.configure(opts)
+    base = f"s3://{s3_server.bucket}/jobs-{uuid.uuid4().hex[:8]}"
+    for path in sorted(Path(test_kit.corpus_dir).rglob("*.jsonl")):
+        storage.write_bytes(f"{base}/corpus/{path.name}", path.read_bytes())
+    cfg = kit_config(
+        test_kit,
+        f"{base}/run",
+        f"storage.endpoint_url={s3_server.endpoint_url}",
+        f"prepare.input={base}/corpus",
+        "train.checkpoint_every=1000",
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({k: v for k, v in to_dict(cfg).items() if v is not None}))
+    run_url = f"{base}/run"
+    client = JobSubmissionClient(ray_head)
+    try:
+        first = _cli("submit", "all", "--config", str(job), "--address", ray_head, "--wait")
+        assert first.returncode == 0, first.stdout + first.stderr
+        sid = first.stdout.split("submitted ", 1)[1].split(":", 1)[0]
+        assert sid == _cli("job-id", "all", "--config", str(job)).stdout.strip()
+        assert str(client.get_job_status(sid)).endswith("SUCCEEDED")
+        logs = subprocess.run(
+            [str(BIN / "ray"), "job", "logs", sid, "--address", ray_head],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert logs.returncode == 0 and "[fusion-etl] align_fuse: committed" in logs.stdout
+        assert "[fusion-etl] train: done" in logs.stdout
+        before = _snapshot(run_url)
+        assert set(before) >= {"prepare", "extract", "vocab_map", "align_fuse", "train", "evaluate"}
+        assert all(
+            f"{s}/_SUCCESS" in before[s] for s in ("prepare", "align_fuse", "train", "evaluate")
+        )
+
+        # The same stage and config again: refused, not run twice.
+        jobs_before = len(client.list_jobs())
+        again = _cli("submit", "all", "--config", str(job), "--address", ray_head)
+        assert again.returncode == 0 and "already submitted and is SUCCEEDED" in again.stdout
+        assert len(client.list_jobs()) == jobs_before
+
+        # One stage alone, another fusion method: only align_fuse changes.
+        one = _cli(
+            "submit",
+            "align_fuse",
+            "--config",
+            str(job),
+            "align_fuse.fusion=avg_ce",
+            "--overwrite",
+            "--address",
+            ray_head,
+            "--wait",
+        )
+        assert one.returncode == 0, one.stdout + one.stderr
+        after_one = _snapshot(run_url)
+        for stage in ("prepare", "extract", "vocab_map", "train", "evaluate"):
+            assert after_one[stage] == before[stage], stage
+        assert after_one["align_fuse"] != before["align_fuse"]
+
+        # Then the pipeline with that change: the stages downstream of align_fuse are redone,
+        # everything upstream (and align_fuse itself) is kept.
+        rest = _cli(
+            "submit",
+            "all",
+            "--config",
+            str(job),
+            "align_fuse.fusion=avg_ce",
+            "--overwrite",
+            "--address",
+            ray_head,
+            "--wait",
+        )
+        assert rest.returncode == 0, rest.stdout + rest.stderr
+        after_all = _snapshot(run_url)
+        for stage in ("prepare", "extract", "vocab_map", "align_fuse"):
+            assert after_all[stage] == after_one[stage], stage
+        for stage in ("train", "evaluate"):
+            assert after_all[stage] != after_one[stage], stage
+    finally:
+        storage.configure(StorageConfig())
