@@ -108,23 +108,12 @@ def bench_transformers(
 
     scorer = TransformersScorer(str(model_dir), top_k=k, dtype="float32", batch_tokens=8192)
     tokens = sum(len(d) for d in docs)
-    order = np.argsort([-len(d) for d in docs], kind="stable")
-    batches: list[list[npt.NDArray[np.int32]]] = []
-    for j in order:
-        if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= scorer.batch_tokens:
-            batches[-1].append(docs[j])
-        else:
-            batches.append([docs[j]])
+    _, batches = scorer.batches(docs)
 
     def bare() -> None:
         # The same padded batches through the model, logits only: the floor for extraction.
         for batch in batches:
-            n = max(len(d) for d in batch)
-            ids = torch.zeros((len(batch), n), dtype=torch.long)
-            mask = torch.zeros((len(batch), n), dtype=torch.long)
-            for r, d in enumerate(batch):
-                ids[r, : len(d)] = torch.from_numpy(d.astype(np.int64))
-                mask[r, : len(d)] = 1
+            ids, mask = scorer.pad(batch)
             with torch.inference_mode():
                 scorer.model(input_ids=ids, attention_mask=mask).logits.float()
 
@@ -468,6 +457,15 @@ def bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kit-dir", default="runs/bench/kit", help="where the tiny model kit is (built if missing)"
+    )
+    parser.add_argument(
+        "--size", choices=["demo", "test"], default="demo", help="kit size (default demo)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_vllm":
@@ -490,12 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ex.add_argument(
-        "--kit-dir", default="runs/bench/kit", help="where the tiny model kit is (built if missing)"
-    )
-    ex.add_argument(
-        "--size", choices=["demo", "test"], default="demo", help="kit size (default demo)"
-    )
+    _kit_args(ex)
     ex.add_argument("--docs", type=int, default=128, help="documents to score (default 128)")
     ex.add_argument(
         "--max-tokens", type=int, default=512, help="tokens per document at most (default 512)"
@@ -511,12 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    al.add_argument(
-        "--kit-dir", default="runs/bench/kit", help="where the tiny model kit is (built if missing)"
-    )
-    al.add_argument(
-        "--size", choices=["demo", "test"], default="demo", help="kit size (default demo)"
-    )
+    _kit_args(al)
     al.add_argument("--docs", type=int, default=60, help="document pairs (default 60)")
     al.add_argument(
         "--min-tokens",
@@ -543,12 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tr.add_argument(
-        "--kit-dir", default="runs/bench/kit", help="where the tiny model kit is (built if missing)"
-    )
-    tr.add_argument(
-        "--size", choices=["demo", "test"], default="demo", help="kit size (default demo)"
-    )
+    _kit_args(tr)
     tr.add_argument("--batch", type=int, default=8, help="blocks per step (default 8)")
     tr.add_argument("--block", type=int, default=512, help="tokens per block (default 512)")
     tr.add_argument("-k", type=int, default=10, help="fused entries per position (default 10)")

@@ -227,47 +227,33 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
         try:
             if isinstance(whole, TrainStage | EvaluateStage):
                 out, fp, _ = whole.describe(cfg)
-                _print_whole(name, out, fp)
+                _print_plan(name, out, fp, None)
                 continue
             plans = get_stage(name).plan(cfg)
         except UserError as exc:
             print(f"{name}: cannot plan yet: {exc}")
             continue
         for plan in plans:
-            _print_plan(name, plan)
+            _print_plan(name, plan.output, plan.fingerprint, [it.shard for it in plan.items])
     return 0
 
 
-def _print_plan(name: str, plan: Any) -> None:
-    state = manifest.stage_state(plan.output)
-    shard_names = [it.shard for it in plan.items]
-    if state is None:
-        verdict = f"new: {len(shard_names)} shards to run"
-    elif state.get("fingerprint") != plan.fingerprint:
-        verdict = "configuration changed: refused without --overwrite (which redoes all shards)"
-    else:
-        done = manifest.done_records(plan.output, shard_names)
-        finished = storage.exists(storage.join(plan.output, manifest.SUCCESS))
-        verdict = (
-            "up to date"
-            if finished
-            else f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
-        )
-    print(f"{name}: {verdict}\n  output      {plan.output}\n  fingerprint {plan.fingerprint}")
-
-
-def _print_whole(name: str, out: str, fp: str) -> None:
+def _print_plan(name: str, out: str, fp: str, shard_names: list[str] | None) -> None:
+    """What `run` would do with one output folder; `shard_names` None for a whole-job stage."""
     state = manifest.stage_state(out)
     if state is None:
-        verdict = "new: would run"
-    elif state.get("fingerprint") != fp:
         verdict = (
-            "configuration changed: refused without --overwrite (which also drops its checkpoints)"
+            "new: would run" if shard_names is None else f"new: {len(shard_names)} shards to run"
         )
-    elif storage.exists(storage.join(out, manifest.SUCCESS)):
+    elif state.get("fingerprint") != fp:
+        verdict = "configuration changed: refused without --overwrite (which replaces this output)"
+    elif manifest.is_finished(out, fp):
         verdict = "up to date"
-    else:
+    elif shard_names is None:
         verdict = "interrupted: would resume from its last checkpoint"
+    else:
+        done = manifest.done_records(out, shard_names)
+        verdict = f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
     print(f"{name}: {verdict}\n  output      {out}\n  fingerprint {fp}")
 
 

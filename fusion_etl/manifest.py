@@ -33,6 +33,7 @@ __all__ = [
     "ShardRecord",
     "begin_stage",
     "done_records",
+    "is_finished",
     "read_manifest",
     "stage_state",
     "write_manifest",
@@ -133,6 +134,16 @@ def stage_state(out_url: str) -> dict[str, Any] | None:
         return None
     data: dict[str, Any] = storage.read_json(url)
     return data
+
+
+def is_finished(out_url: str, fingerprint: str) -> bool:
+    """True when `out_url` holds a finished stage made with exactly this fingerprint."""
+    state = stage_state(out_url)
+    return (
+        state is not None
+        and state.get("fingerprint") == fingerprint
+        and storage.exists(storage.join(out_url, SUCCESS))
+    )
 
 
 def begin_stage(

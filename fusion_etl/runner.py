@@ -29,6 +29,7 @@ __all__ = [
     "Stage",
     "StagePlan",
     "WorkItem",
+    "make_plan",
     "parse_shard_selection",
     "run_stage",
 ]
@@ -57,6 +58,30 @@ class StagePlan:
     inputs: Mapping[str, str]
     """Upstream stage URL -> fingerprint."""
     items: tuple[WorkItem, ...]
+
+
+def make_plan(
+    stage: str,
+    cfg: PipelineConfig,
+    *,
+    output: str,
+    identity: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    items: tuple[WorkItem, ...],
+) -> StagePlan:
+    """A plan whose fingerprint is the hash of `identity` and whose recorded config is `cfg`
+    with secrets redacted."""
+    from fusion_etl.config import fingerprint, redact, to_dict
+
+    return StagePlan(
+        stage=stage,
+        output=output,
+        fingerprint=fingerprint(identity),
+        identity=identity,
+        config=redact(to_dict(cfg)),
+        inputs=inputs,
+        items=items,
+    )
 
 
 @dataclass(frozen=True)
@@ -334,13 +359,7 @@ def _run_plan(
     names = [it.shard for it in plan.items]
     if len(set(names)) != len(names):
         raise AssertionError(f"{label}: duplicate shard names in plan")  # a bug, not the user's
-    state = manifest.stage_state(out_url)
-    finished = (
-        state is not None
-        and state.get("fingerprint") == plan.fingerprint
-        and storage.exists(storage.join(out_url, manifest.SUCCESS))
-    )
-    if finished and shards is None:
+    if shards is None and manifest.is_finished(out_url, plan.fingerprint):
         log(
             f"{label}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
         )

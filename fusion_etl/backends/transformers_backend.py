@@ -71,7 +71,23 @@ class TransformersScorer:
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         return logits.reshape(-1, logits.shape[-1]), lambda block: block
 
-    def _forward(self, docs: list[npt.NDArray[np.int32]]) -> Scored:
+    def batches(
+        self, docs: list[npt.NDArray[np.int32]]
+    ) -> tuple[npt.NDArray[np.int64], list[list[npt.NDArray[np.int32]]]]:
+        """(order, batches): documents sorted by length, longest first, so each batch pads
+        little, cut at `batch_tokens` padded tokens; `order[j]` is the original index of the
+        j-th document in the batches."""
+        order = np.argsort([-len(d) for d in docs], kind="stable").astype(np.int64)
+        batches: list[list[npt.NDArray[np.int32]]] = []
+        for j in order:
+            if batches and (len(batches[-1]) + 1) * len(batches[-1][0]) <= self.batch_tokens:
+                batches[-1].append(docs[j])
+            else:
+                batches.append([docs[j]])
+        return order, batches
+
+    def pad(self, docs: list[npt.NDArray[np.int32]]) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) [batch, longest] tensors, right-padded with 0."""
         torch = self._torch
         n = max(len(d) for d in docs)
         ids = torch.zeros((len(docs), n), dtype=torch.long)
@@ -79,6 +95,11 @@ class TransformersScorer:
         for row, d in enumerate(docs):
             ids[row, : len(d)] = torch.from_numpy(d.astype(np.int64))
             mask[row, : len(d)] = 1
+        return ids, mask
+
+    def _forward(self, docs: list[npt.NDArray[np.int32]]) -> Scored:
+        torch = self._torch
+        ids, mask = self.pad(docs)
         with torch.inference_mode():
             flat, head = self._final_states(ids.to(self.device), mask.to(self.device))
             # The token each position predicts; -1 where there is none (last token, padding).
@@ -110,19 +131,9 @@ class TransformersScorer:
         )
 
     def score(self, docs: list[npt.NDArray[np.int32]]) -> Scored:
-        # Sort by length so each batch pads little; put results back in document order.
-        order = np.argsort([-len(d) for d in docs], kind="stable").astype(np.int64)
-        parts: list[Scored] = []
-        batch: list[npt.NDArray[np.int32]] = []
-        for j in order:
-            doc = docs[j]
-            if batch and (len(batch) + 1) * len(batch[0]) > self.batch_tokens:
-                parts.append(self._forward(batch))
-                batch = []
-            batch.append(doc)
-        if batch:
-            parts.append(self._forward(batch))
-        return concat_scored(parts, order)
+        order, batches = self.batches(docs)
+        # Results come in batch order; concat_scored puts them back in document order.
+        return concat_scored([self._forward(batch) for batch in batches], order)
 
     def close(self) -> None:
         del self.model

@@ -303,7 +303,7 @@ def build_kit(
     root = Path(root)
     say: Callable[[str], None] = log if log is not None else (lambda _line: None)
     if _is_built(root, size, seed):
-        say(f"kit: reusing {root} ({size}, seed {seed}, version {KIT_VERSION})")
+        say(f"reusing {root} ({size}, seed {seed}, version {KIT_VERSION})")
         return _kit_at(root)
     root.mkdir(parents=True, exist_ok=True)
     # A stale record must not vouch for the folders this build is about to replace.
@@ -332,7 +332,7 @@ def build_kit(
     tmp_manifest = root / f".tmp-{_MANIFEST}"
     tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_manifest, root / _MANIFEST)
-    say(f"kit: built {size} kit (seed {seed}) in {seconds:.1f} s at {root}")
+    say(f"built {size} kit (seed {seed}) in {seconds:.1f} s at {root}")
     return _kit_at(root)
 
 

@@ -31,12 +31,10 @@ from fusion_etl.config import (
     PipelineConfig,
     fingerprint,
     fingerprint_fields,
-    redact,
-    to_dict,
 )
 from fusion_etl.errors import InputDataError, UserError
 from fusion_etl.manifest import Manifest, read_manifest
-from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem, log
+from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem, log, make_plan
 from fusion_etl.schema import (
     PREPARE,
     VOCAB_MAP,
@@ -215,12 +213,11 @@ class AlignFuseStage:
             for s in target.shards
         )
         return [
-            StagePlan(
-                stage=self.name,
+            make_plan(
+                self.name,
+                cfg,
                 output=cfg.stage_url(self.name),
-                fingerprint=fingerprint(identity),
                 identity=identity,
-                config=redact(to_dict(cfg)),
                 inputs={man.url: man.fingerprint for man in upstream.values()},
                 items=items,
             )

@@ -171,12 +171,7 @@ class EvaluateStage:
     def run(self, cfg: PipelineConfig, *, overwrite: bool = False) -> RunResult:
         storage.configure(cfg.storage)
         out, fp, identity = self.describe(cfg)
-        state = manifest.stage_state(out)
-        if (
-            state is not None
-            and state.get("fingerprint") == fp
-            and storage.exists(storage.join(out, manifest.SUCCESS))
-        ):
+        if manifest.is_finished(out, fp):
             log(f"evaluate: up to date (fingerprint {fp})")
             return RunResult(self.name, 1, 1, 0, True, ())
         manifest.begin_stage(

@@ -31,14 +31,11 @@ from fusion_etl.config import (
     ExtractConfig,
     ModelConfig,
     PipelineConfig,
-    fingerprint,
     fingerprint_fields,
-    redact,
-    to_dict,
 )
 from fusion_etl.errors import InputDataError, UserError
 from fusion_etl.manifest import read_manifest
-from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem
+from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem, make_plan
 from fusion_etl.schema import PREPARE, check_schema, extract_schema
 from fusion_etl.tokenization import tokenizer_fingerprint
 
@@ -208,12 +205,11 @@ class ExtractStage:
                 for s in upstream.shards
             )
             plans.append(
-                StagePlan(
-                    stage=self.name,
+                make_plan(
+                    self.name,
+                    cfg,
                     output=storage.join(cfg.stage_url(self.name), model.name),
-                    fingerprint=fingerprint(identity),
                     identity=identity,
-                    config=redact(to_dict(cfg)),
                     inputs={upstream.url: upstream.fingerprint},
                     items=items,
                 )

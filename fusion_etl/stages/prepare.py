@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow as pa
 
 from fusion_etl import storage
-from fusion_etl.config import PipelineConfig, fingerprint, fingerprint_fields, redact, to_dict
+from fusion_etl.config import PipelineConfig, fingerprint_fields
 from fusion_etl.errors import ConfigError, InputDataError, UserError
-from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem
+from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem, make_plan
 from fusion_etl.schema import PREPARE
 from fusion_etl.tokenization import load_tokenizer, offsets_encoder, tokenizer_fingerprint
 
@@ -271,12 +271,11 @@ class PrepareStage:
             for i, f in enumerate(files)
         )
         return [
-            StagePlan(
-                stage=self.name,
+            make_plan(
+                self.name,
+                cfg,
                 output=cfg.stage_url(self.name),
-                fingerprint=fingerprint(identity),
                 identity=identity,
-                config=redact(to_dict(cfg)),
                 inputs={},
                 items=items,
             )

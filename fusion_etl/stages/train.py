@@ -102,11 +102,7 @@ class TrainStage:
         out, fp, identity = self.describe(cfg)
         out, ckpt_url, output = train_paths(cfg)
         state = manifest.stage_state(out)
-        if (
-            state is not None
-            and state.get("fingerprint") == fp
-            and storage.exists(storage.join(out, manifest.SUCCESS))
-        ):
+        if manifest.is_finished(out, fp):
             log(f"train: up to date (fingerprint {fp}); the model is at {output}")
             return RunResult(self.name, 1, 1, 0, True, ())
         if overwrite and state is not None and state.get("fingerprint") != fp:
