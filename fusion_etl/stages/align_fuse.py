@@ -87,6 +87,13 @@ def _view(tokenizer_path: str) -> Any:
 
 
 @lru_cache(maxsize=16)
+def _token_byte_lengths(tokenizer_path: str) -> npt.NDArray[np.int64]:
+    """Per token id, the UTF-8 bytes it stands for (specials: 0); for per-byte CE."""
+    view = _view(tokenizer_path)
+    return np.array([len(view.token_bytes(i)) for i in range(len(view.tokens))], dtype=np.int64)
+
+
+@lru_cache(maxsize=16)
 def _token_keys(tokenizer_path: str) -> npt.NDArray[np.int64]:
     """Per token id, a 63-bit hash of the bytes it stands for (specials: unique negatives)."""
     view = _view(tokenizer_path)
@@ -278,9 +285,7 @@ class AlignFuseStage:
         nll = [t.column("nll").to_numpy() for t in tables]
         ntok = [t.column("num_tokens").to_numpy() for t in tables]
         nbytes = tables[0].column("num_bytes").to_numpy()
-        target_bytes_len = np.array(
-            [len(views[0].token_bytes(i)) for i in range(len(views[0].tokens))], dtype=np.int64
-        )
+        target_bytes_len = _token_byte_lengths(cfg.target.tokenizer_path)
 
         out_ids: list[npt.NDArray[np.int32]] = []
         out_probs: list[npt.NDArray[np.float32]] = []
