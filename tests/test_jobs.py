@@ -29,18 +29,41 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (all sockets held open until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _worker_port_base() -> int:
+    """A block of 100 ports below the kernel's ephemeral range, where the free ports above
+    (and every other client socket) come from, so the two never overlap."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 10000 + secrets.randbelow(max(1, (low - 10100) // 100)) * 100
 
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """`ray start --head --block` with its own ports and temp dir; stopped (only it) afterwards."""
     temp_dir = f"/tmp/fe-{secrets.token_hex(3)}"  # short: Ray's socket paths must stay short
-    dashboard = _free_port()
-    worker_base = 20000 + secrets.randbelow(200) * 100
+    (
+        gcs,
+        dashboard,
+        client,
+        node_manager,
+        object_manager,
+        agent_listen,
+        agent_grpc,
+        runtime_env,
+        metrics,
+    ) = _free_ports(9)
+    worker_base = _worker_port_base()
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -51,12 +74,12 @@ def ray_head() -> Iterator[str]:
     env.pop("RAY_ADDRESS", None)
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
+        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={_free_port()}", f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}", f"--min-worker-port={worker_base}",
+        f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
+        f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_listen}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_base}",
         f"--max-worker-port={worker_base + 99}", f"--temp-dir={temp_dir}", "--object-store-memory=268435456",
         "--disable-usage-stats",
     ]  # fmt: skip
