@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from typing import Any
 
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -16,6 +18,7 @@ __all__ = [
     "align_fuse_schema",
     "check_schema",
     "extract_schema",
+    "list_rows",
     "parquet_bytes",
 ]
 
@@ -88,3 +91,16 @@ VOCAB_MAP = pa.schema(
         pa.field("how", pa.string(), nullable=False),
     ]
 )
+
+
+def list_rows(column: pa.ChunkedArray | pa.Array, k: int | None = None) -> list[npt.NDArray[Any]]:
+    """Per document numpy views of a list (of fixed-size list) column, without a loop per entry."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values
+    if k is not None:
+        values = values.flatten()
+    flat = values.to_numpy(zero_copy_only=False)
+    if k is not None:
+        flat = flat.reshape(-1, k)
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(arr))]

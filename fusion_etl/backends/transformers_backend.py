@@ -135,8 +135,5 @@ class TransformersScorer:
         # Results come in batch order; concat_scored puts them back in document order.
         return concat_scored([self._forward(batch) for batch in batches], order)
 
-    def close(self) -> None:
-        del self.model
-
     def __getstate__(self) -> Any:  # never shipped between processes
         raise TypeError("scorers live in the process that built them")

@@ -41,6 +41,7 @@ from fusion_etl.schema import (
     align_fuse_schema,
     check_schema,
     extract_schema,
+    list_rows,
     parquet_bytes,
 )
 from fusion_etl.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -164,19 +165,6 @@ def _check_extract(table: pa.Table, url: str, model: ModelConfig) -> int:
     return k
 
 
-def _rows(column: pa.ChunkedArray | pa.Array, k: int | None = None) -> list[npt.NDArray[Any]]:
-    """Per document numpy views of a list (of fixed-size list) column, without a loop per entry."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = arr.offsets.to_numpy()
-    values = arr.values
-    if k is not None:
-        values = values.flatten()
-    flat = values.to_numpy(zero_copy_only=False)
-    if k is not None:
-        flat = flat.reshape(-1, k)
-    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
-
-
 class AlignFuseStage:
     """The `align_fuse` stage (see the module docstring)."""
 
@@ -279,9 +267,9 @@ class AlignFuseStage:
         keys = [_token_keys(m.tokenizer_path) for m in cfg.models]
         vmaps = [_load_vocab_map(vocab_map_url(cfg, s)) for s in cfg.sources]
         tokens_of = [np.asarray(v.tokens, dtype=object) for v in views]
-        ids = [_rows(t.column("input_ids")) for t in tables]
-        top_ids = [_rows(t.column("topk_ids"), k) for t, k in zip(tables, ks, strict=True)]
-        top_lps = [_rows(t.column("topk_logprobs"), k) for t, k in zip(tables, ks, strict=True)]
+        ids = [list_rows(t.column("input_ids")) for t in tables]
+        top_ids = [list_rows(t.column("topk_ids"), k) for t, k in zip(tables, ks, strict=True)]
+        top_lps = [list_rows(t.column("topk_logprobs"), k) for t, k in zip(tables, ks, strict=True)]
         nll = [t.column("nll").to_numpy() for t in tables]
         ntok = [t.column("num_tokens").to_numpy() for t in tables]
         nbytes = tables[0].column("num_bytes").to_numpy()

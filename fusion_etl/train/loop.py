@@ -15,11 +15,13 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from fusion_etl.config import PipelineConfig
+from fusion_etl.schema import list_rows
 from fusion_etl.train.data import Block, pack_blocks
 from fusion_etl.train.loss import fusion_loss
 
@@ -44,17 +46,13 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 def _docs(shard: Any) -> Iterator[tuple[Any, Any, Any]]:
     """(input_ids, fused_ids, fused_probs) per document from a Ray Data iterator, in order."""
     for batch in shard.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=1):
-        ids_col = batch.column("input_ids").combine_chunks()
-        fid_col = batch.column("fused_ids").combine_chunks()
-        fp_col = batch.column("fused_probs").combine_chunks()
-        k = fid_col.type.value_type.list_size
-        offsets = ids_col.offsets.to_numpy()
-        ids = ids_col.values.to_numpy()
-        fids = fid_col.values.flatten().to_numpy().reshape(-1, k)
-        fps = fp_col.values.flatten().to_numpy().reshape(-1, k)
-        for i in range(len(ids_col)):
-            a, b = offsets[i], offsets[i + 1]
-            yield ids[a:b], fids[a:b], fps[a:b]
+        k = batch.schema.field("fused_ids").type.value_type.list_size
+        yield from zip(
+            list_rows(batch.column("input_ids")),
+            list_rows(batch.column("fused_ids"), k),
+            list_rows(batch.column("fused_probs"), k),
+            strict=True,
+        )
 
 
 def _local_blocks(shard: Any, cfg: PipelineConfig, rank: int, world: int) -> Iterator[Block]:
@@ -155,7 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 batch = _stack([next(blocks) for _ in range(tc.micro_batch)], device)
                 # Gradients are synchronised once per step, on its last micro-batch.
                 sync = micro == tc.grad_accum - 1 or not hasattr(model, "no_sync")
-                context = model.no_sync() if not sync else _null()
+                context = model.no_sync() if not sync else nullcontext()
                 with (
                     context,
                     torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
@@ -214,14 +212,6 @@ def export_model(model: Any, cfg: PipelineConfig, output: str) -> list[str]:
             with open(os.path.join(d, name), "rb") as fh:
                 storage.write_bytes(storage.join(output, name), fh.read())
     return names
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _report(
