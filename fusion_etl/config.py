@@ -195,6 +195,9 @@ class AlignFuseConfig:
     """AvgCE: weights are softmax(-CE / temperature)."""
     top_k: int = 0
     """Entries per fused position; 0: extract.top_k."""
+    row_group_docs: int = 128
+    """Documents per Parquet row group: the run of documents processed at once (bounded
+    memory) and the unit training workers read and shuffle."""
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
     """Custom Ray resources per task (see prepare.resources)."""
@@ -417,6 +420,8 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("temperature", f"must be positive, got {obj.temperature}")
         if obj.top_k < 0:
             fail("top_k", f"must be 0 (extract.top_k) or positive, got {obj.top_k}")
+        if obj.row_group_docs < 1:
+            fail("row_group_docs", f"must be at least 1, got {obj.row_group_docs}")
     if isinstance(obj, TrainConfig):
         if not 0.0 <= obj.lam <= 1.0:
             fail("lam", f"must be in [0, 1], got {obj.lam}")

@@ -7,7 +7,9 @@ records, retries, progress and the manifest lives here, once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,7 +22,7 @@ from fusion_etl import manifest, storage
 from fusion_etl.config import PipelineConfig
 from fusion_etl.errors import UserError
 from fusion_etl.manifest import ShardRecord
-from fusion_etl.schema import parquet_bytes
+from fusion_etl.schema import parquet_bytes, write_parquet
 
 __all__ = [
     "ActorPool",
@@ -86,11 +88,15 @@ def make_plan(
 
 @dataclass(frozen=True)
 class ShardOutput:
-    """What `process` returns for one item."""
+    """What `process` returns for one item: a whole `table`, or `batches` of `schema` that are
+    written one row group at a time (bounded memory). With `batches`, `stats` and `metadata`
+    are read only after the last batch, so the generator may fill them in as it goes."""
 
-    table: pa.Table
+    table: pa.Table | None = None
     stats: Mapping[str, int] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    batches: Iterable[pa.Table] | None = None
+    schema: pa.Schema | None = None
 
 
 @dataclass(frozen=True)
@@ -139,19 +145,58 @@ def commit_shard(cfg: PipelineConfig, stage: Stage, out_url: str, item: WorkItem
     storage.configure(cfg.storage)
     started = time.monotonic()
     out = stage.process(cfg, item)
-    data = parquet_bytes(out.table, metadata={"fusion_etl.stage": stage.name, **out.metadata})
-    storage.write_bytes(storage.join(out_url, item.shard), data)
+    url = storage.join(out_url, item.shard)
+    if out.batches is None:
+        assert out.table is not None, f"{stage.name}: process returned neither table nor batches"
+        data = parquet_bytes(out.table, metadata={"fusion_etl.stage": stage.name, **out.metadata})
+        storage.write_bytes(url, data)
+        rows, size, digest = out.table.num_rows, len(data), hashlib.sha256(data).hexdigest()
+    else:
+        assert out.schema is not None, f"{stage.name}: batches need a schema"
+        rows, size, digest = _write_batches(url, out, stage.name)
     record = ShardRecord(
         name=item.shard,
-        rows=out.table.num_rows,
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        rows=rows,
+        bytes=size,
+        sha256=digest,
         seconds=round(time.monotonic() - started, 3),
         inputs=item.inputs,
         stats=dict(out.stats),
     )
     manifest.write_record(out_url, record)
     return record
+
+
+def _write_batches(url: str, out: ShardOutput, stage_name: str) -> tuple[int, int, str]:
+    """Stream `out.batches` into a local temporary Parquet file, then publish it atomically as
+    one object; returns (rows, bytes, sha256)."""
+    import tempfile
+
+    assert out.batches is not None and out.schema is not None
+    local = storage.local_path(url)
+    # Spool next to the destination when it is local (the final rename stays on one disk).
+    spool_dir = str(local.parent) if local is not None else None
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".spool-", suffix=".parquet", dir=spool_dir)
+    os.close(fd)
+    try:
+        rows = write_parquet(
+            tmp,
+            out.schema,
+            out.batches,
+            lambda: {"fusion_etl.stage": stage_name, **out.metadata},
+        )
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+        size = os.path.getsize(tmp)
+        storage.put_file(tmp, url)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return rows, size, digest.hexdigest()
 
 
 def _commit_by_name(

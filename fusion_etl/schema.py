@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy.typing as npt
@@ -18,8 +18,10 @@ __all__ = [
     "align_fuse_schema",
     "check_schema",
     "extract_schema",
+    "footer_metadata",
     "list_rows",
     "parquet_bytes",
+    "write_parquet",
 ]
 
 PREPARE = pa.schema(
@@ -50,6 +52,37 @@ def parquet_bytes(table: pa.Table, *, metadata: Mapping[str, str] | None = None)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", write_statistics=True)
     return buf.getvalue()
+
+
+def write_parquet(
+    path: str,
+    schema: pa.Schema,
+    batches: Iterable[pa.Table],
+    metadata: Callable[[], Mapping[str, str]],
+) -> int:
+    """Write `batches` to a local Parquet file, each batch its own row group, so that only one
+    batch is ever in memory; `metadata()` is asked once every batch is written (it may hold
+    what the batches produced) and goes into the footer. Returns the rows written.
+
+    Readers take the metadata from the footer (`footer_metadata`), not from the Arrow schema.
+    """
+    rows = 0
+    with pq.ParquetWriter(path, schema, compression="zstd", write_statistics=True) as writer:
+        for table in batches:
+            if table.schema != schema:
+                table = table.cast(schema)
+            writer.write_table(table, row_group_size=max(table.num_rows, 1))
+            rows += table.num_rows
+        extra = metadata()
+        if extra:
+            writer.add_key_value_metadata(dict(extra))
+    return rows
+
+
+def footer_metadata(parquet_file: pq.ParquetFile) -> dict[str, str]:
+    """The key-value metadata in a Parquet file's footer (`fusion_etl.*` and the rest)."""
+    raw = parquet_file.metadata.metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k != b"ARROW:schema"}
 
 
 def extract_schema(k: int, logprob_dtype: str) -> pa.Schema:

@@ -34,6 +34,7 @@ __all__ = [
     "list_files",
     "local_path",
     "open_read",
+    "put_file",
     "read_bytes",
     "read_json",
     "relative_name",
@@ -163,6 +164,28 @@ def write_bytes(url: str, data: bytes) -> None:
         return
     # Object stores: one PUT (or a multipart upload that becomes visible only on completion).
     fs.pipe_file(path, data)
+
+
+def put_file(local: str | Path, url: str) -> None:
+    """Copy a local file to `url` atomically (local: temp file + rename; object stores: one
+    upload that becomes visible only once complete), without reading it into memory."""
+    fs, path = filesystem(url)
+    if _protocol(url) == "file":
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(local, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return
+    fs.put_file(str(local), path)
 
 
 def write_json(url: str, obj: Any) -> None:

@@ -17,12 +17,15 @@ reuses `vocab_map/<source>.parquet` (source_id, target_id, distance, how), and w
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fusion_etl import storage
@@ -41,6 +44,7 @@ from fusion_etl.schema import (
     align_fuse_schema,
     check_schema,
     extract_schema,
+    footer_metadata,
     list_rows,
     parquet_bytes,
 )
@@ -48,7 +52,7 @@ from fusion_etl.tokenization import load_tokenizer, tokenizer_fingerprint
 
 __all__ = ["AlignFuseStage", "vocab_map_url"]
 
-VERSION = 1
+VERSION = 2
 VOCAB_MAP_VERSION = 1
 
 
@@ -146,17 +150,21 @@ def _load_vocab_map(url: str) -> npt.NDArray[np.int32]:
     return out
 
 
-def _read_shard(url: str) -> pa.Table:
-    with storage.open_read(url, compression=None) as fh:
-        return pq.read_table(fh)
+def _open_parquet(url: str) -> pq.ParquetFile:
+    """A Parquet file to read in runs of rows (object stores: ranged reads, no full download)."""
+    fs, path = storage.filesystem(url)
+    try:
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except FileNotFoundError:
+        raise InputDataError(f"{url} does not exist") from None
 
 
-def _check_extract(table: pa.Table, url: str, model: ModelConfig) -> int:
-    meta = table.schema.metadata or {}
-    k = int(meta.get(b"fusion_etl.top_k", b"0"))
-    dtype = meta.get(b"fusion_etl.logprob_dtype", b"float16").decode()
-    check_schema(table.schema, extract_schema(k, dtype), where=f"extracted shard {url}")
-    fp = meta.get(b"fusion_etl.tokenizer_fingerprint", b"").decode()
+def _check_extract(pf: pq.ParquetFile, url: str, model: ModelConfig) -> int:
+    meta = footer_metadata(pf)
+    k = int(meta.get("fusion_etl.top_k", "0"))
+    dtype = meta.get("fusion_etl.logprob_dtype", "float16")
+    check_schema(pf.schema_arrow, extract_schema(k, dtype), where=f"extracted shard {url}")
+    fp = meta.get("fusion_etl.tokenizer_fingerprint", "")
     if fp != tokenizer_fingerprint(model.tokenizer_path):
         raise InputDataError(
             f"extracted shard {url} was made with another tokenizer than {model.name!r} has now "
@@ -237,15 +245,80 @@ class AlignFuseStage:
         return None
 
     def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput:
+        ac = cfg.align_fuse
+        files = [_open_parquet(u) for u in item.inputs]
+        ks = [
+            _check_extract(pf, u, m)
+            for pf, u, m in zip(files, item.inputs, cfg.models, strict=True)
+        ]
+        k_out = ac.top_k or ks[0]
+        for model, pf, url in zip(cfg.models[1:], files[1:], item.inputs[1:], strict=True):
+            if pf.metadata.num_rows != files[0].metadata.num_rows:
+                raise InputDataError(
+                    f"{url}: source {model.name!r} has {pf.metadata.num_rows} documents in shard {item.shard}, "
+                    f"the target {files[0].metadata.num_rows}; rerun extract for all models from the same prepare output"
+                )
+        prepared = None
+        if ac.align_method == "offsets":
+            prepared = _open_parquet(str(item.payload["prepare"]))
+            check_schema(
+                prepared.schema_arrow, PREPARE, where=f"prepared shard {item.payload['prepare']}"
+            )
+        stats: dict[str, int] = {"tokens": 0}
+        metadata = {"fusion_etl.top_k": str(k_out), "fusion_etl.fusion": ac.fusion}
+        row_group_tokens: list[int] = []
+
+        def batches() -> Iterator[pa.Table]:
+            # Every file is read in the same runs of `row_group_docs` documents, so one run of
+            # every model is in memory at a time, whatever the shard's size.
+            n = ac.row_group_docs
+            readers = [pf.iter_batches(batch_size=n) for pf in files]
+            if prepared is not None:
+                readers.append(prepared.iter_batches(batch_size=n, columns=["doc_id", "text"]))
+            try:
+                yield from fused_runs(readers)
+            finally:
+                for pf in [*files, *([prepared] if prepared is not None else [])]:
+                    pf.close()
+            metadata["fusion_etl.row_group_tokens"] = json.dumps(row_group_tokens)
+
+        def fused_runs(readers: list[Iterator[pa.RecordBatch]]) -> Iterator[pa.Table]:
+            for parts in zip(*readers, strict=True):
+                tables = [pa.Table.from_batches([b]) for b in parts[: len(files)]]
+                texts = parts[-1].column("text").to_pylist() if prepared is not None else None
+                if prepared is not None and parts[-1].column("doc_id").to_pylist() != (
+                    tables[0].column("doc_id").to_pylist()
+                ):
+                    raise InputDataError(
+                        f"prepared shard {item.payload['prepare']} does not line up with extract's doc_ids"
+                    )
+                table = self._fuse_batch(cfg, item, tables, ks, k_out, texts)
+                tokens = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py() or 0)
+                stats["tokens"] += tokens
+                row_group_tokens.append(tokens)
+                yield table
+
+        return ShardOutput(
+            batches=batches(),
+            schema=align_fuse_schema(k_out),
+            stats=stats,
+            metadata=metadata,
+        )
+
+    def _fuse_batch(
+        self,
+        cfg: PipelineConfig,
+        item: WorkItem,
+        tables: list[pa.Table],
+        ks: list[int],
+        k_out: int,
+        texts: list[str] | None,
+    ) -> pa.Table:
+        """One run of documents, every model's rows of it in `tables`: the fused table."""
         from fusion_etl.align.dtw import align_tokens
         from fusion_etl.align.fusion import Candidate, fuse, transfer
 
         ac = cfg.align_fuse
-        tables = [_read_shard(u) for u in item.inputs]
-        ks = [
-            _check_extract(t, u, m) for t, u, m in zip(tables, item.inputs, cfg.models, strict=True)
-        ]
-        k_out = ac.top_k or ks[0]
         doc_ids = tables[0].column("doc_id").to_pylist()
         for model, t, url in zip(cfg.models[1:], tables[1:], item.inputs[1:], strict=True):
             if t.column("doc_id").to_pylist() != doc_ids:
@@ -253,16 +326,6 @@ class AlignFuseStage:
                     f"{url}: doc_ids of source {model.name!r} do not line up with the target's in shard {item.shard}; "
                     "rerun extract for all models from the same prepare output"
                 )
-        texts: list[str] | None = None
-        if ac.align_method == "offsets":
-            prep = _read_shard(str(item.payload["prepare"]))
-            check_schema(prep.schema, PREPARE, where=f"prepared shard {item.payload['prepare']}")
-            if prep.column("doc_id").to_pylist() != doc_ids:
-                raise InputDataError(
-                    f"prepared shard {item.payload['prepare']} does not line up with extract's doc_ids"
-                )
-            texts = prep.column("text").to_pylist()
-
         views = [_view(m.tokenizer_path) for m in cfg.models]
         keys = [_token_keys(m.tokenizer_path) for m in cfg.models]
         vmaps = [_load_vocab_map(vocab_map_url(cfg, s)) for s in cfg.sources]
@@ -345,14 +408,8 @@ class AlignFuseStage:
             weights.append(fused.weights.tolist())
             matched.append(fractions)
 
-        table = _to_table(
+        return _to_table(
             doc_ids, tables[0].column("input_ids"), out_ids, out_probs, weights, matched, k_out
-        )
-        stats = {"tokens": int(sum(len(x) for x in ids[0]))}
-        return ShardOutput(
-            table=table,
-            stats=stats,
-            metadata={"fusion_etl.top_k": str(k_out), "fusion_etl.fusion": ac.fusion},
         )
 
 

@@ -1,0 +1,37 @@
+"""Benchmarks: speed and size targets, measured side by side in one run, printed as ratios.
+
+    fusion-etl bench extract [--size demo|test] [--docs N]
+    fusion-etl bench align [--size demo|test] [--docs N]
+    fusion-etl bench train [--size demo|test] [--steps N]
+
+One module per benchmark (`fusion_etl.bench.<name>`), each adding its own subcommand. A
+baseline is always the real thing it stands for, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fusion_etl.bench import align, extract, train
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        prog="fusion-etl bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
+    for module in (extract, align, train):
+        module.add_parser(sub)
+    args = parser.parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
