@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from fusion_etl import manifest, storage
-from fusion_etl.config import PipelineConfig, load_config, parse_config
+from fusion_etl import console, manifest, storage
+from fusion_etl.config import PipelineConfig, load_config, parse_config, to_dict
 from fusion_etl.errors import UserError
+from fusion_etl.redaction import scrub
 
 __all__ = ["demo_config", "main"]
 
@@ -62,6 +68,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="show Ray's, the workers' and the libraries' own output (progress bars, warnings) "
+        "on the console too; by default it goes to a log file under <run_dir>/_logs/",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     from fusion_etl.stages import STAGES
 
@@ -93,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SPEC",
         help="only these shards of a single stage: indices, ranges or names, e.g. 0-3,7; the manifest is written once all shards are done",
     )
+    _add_verbose(run)
 
     plan = sub.add_parser(
         "plan",
@@ -137,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--overwrite", action="store_true", help="redo stages whose configuration changed"
     )
+    _add_verbose(demo)
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     jid = sub.add_parser(
@@ -171,8 +189,11 @@ def _parser() -> argparse.ArgumentParser:
         "--working-dir", metavar="DIR", default=".", help="code to ship with the job (default: .)"
     )
     submit.add_argument(
-        "--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded"
+        "--wait",
+        action="store_true",
+        help="follow the job's output until it ends; exit 0 only if it succeeded",
     )
+    _add_verbose(submit)
 
     sub.add_parser(
         "bench",
@@ -191,7 +212,14 @@ def _stage_names(stage: str) -> list[str]:
     return [stage]
 
 
-def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None) -> int:
+def _run(
+    cfg: PipelineConfig,
+    stage: str,
+    *,
+    overwrite: bool,
+    shards: str | None,
+    show_results: bool = True,
+) -> int:
     from fusion_etl.runner import run_stage
     from fusion_etl.stages import get_stage, lookup
     from fusion_etl.stages.evaluate import EvaluateStage
@@ -213,7 +241,16 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
         if not result.complete:
             return 0 if shards is not None else 1
     print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
+    if show_results and "evaluate" in names:
+        _print_results(cfg)
     return 0
+
+
+def _print_results(cfg: PipelineConfig) -> None:
+    """The evaluation table, last on the console."""
+    url = storage.join(cfg.stage_url("evaluate"), "results.md")
+    if storage.exists(url):
+        print("\n" + storage.read_bytes(url).decode().rstrip())
 
 
 def _plan(cfg: PipelineConfig, stage: str) -> int:
@@ -221,7 +258,6 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
     from fusion_etl.stages.evaluate import EvaluateStage
     from fusion_etl.stages.train import TrainStage
 
-    storage.configure(cfg.storage)
     for name in _stage_names(stage):
         whole = lookup(name)
         try:
@@ -254,6 +290,9 @@ def _print_plan(name: str, out: str, fp: str, shard_names: list[str] | None) -> 
     else:
         done = manifest.done_records(out, shard_names)
         verdict = f"resume: {len(done)} of {len(shard_names)} shards committed, {len(shard_names) - len(done)} to run"
+    holder = manifest.lease_holder(out)
+    if holder is not None:
+        verdict += f"; now in use by another run ({holder})"
     print(f"{name}: {verdict}\n  output      {out}\n  fingerprint {fp}")
 
 
@@ -325,15 +364,95 @@ def _demo(args: argparse.Namespace) -> int:
         log=lambda m: print(f"  kit: {m}", flush=True),
     )
     print(f"kit ready in {time.monotonic() - started:.1f} s", flush=True)
-    code = _run(cfg, "all", overwrite=args.overwrite, shards=None)
+    code = _run(cfg, "all", overwrite=args.overwrite, shards=None, show_results=False)
     if code == 0:
         _status(cfg.run_dir)
+        _print_results(cfg)
     return code
+
+
+def _remote_urls(cfg: PipelineConfig) -> list[str]:
+    """The object-storage URLs of a config (run_dir, inputs, models, checkpoints)."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and value.lower().startswith(("s3://", "s3a://")):
+            found.append(value)
+
+    walk(to_dict(cfg))
+    return list(dict.fromkeys(found))
+
+
+def _check_storage(cfg: PipelineConfig) -> None:
+    """Before any work: every object-storage URL of the config can be reached and listed
+    with the configured credentials (one request each), else one error naming what to fix."""
+    storage.configure(cfg.storage)
+    for url in _remote_urls(cfg):
+        storage.check_access(url)
+
+
+def _log_file(run_dir: str, command: str) -> tuple[Path, str | None]:
+    """(local log file, URL to copy it to at the end or None): `<run_dir>/_logs/...`."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}.log"
+    local = storage.local_path(run_dir)
+    if local is not None:
+        return local / "_logs" / name, None
+    spool = Path(tempfile.gettempdir()) / "fusion-etl-logs" / name
+    return spool, storage.join(run_dir, "_logs", name)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+class _InternalError(Exception):
+    """A bug (not the user's mistake): its traceback is in the log file."""
+
+
+def _routed(run_dir: str, command: str, verbose: bool, body: Callable[[], int]) -> int:
+    """Run `body` with the console routed (see `console`): ours on the console, the rest in
+    the log file, whose path is printed once."""
+    path, upload = _log_file(run_dir, command)
+    ray_before = _ray_running()
+    try:
+        with console.routed_output(path, verbose=verbose):
+            where = f"{path} (copied to {upload} at the end)" if upload else str(path)
+            console.log(f"log: {where}" + ("" if verbose else "; --verbose shows it here too"))
+            try:
+                return body()
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                traceback.print_exc()  # into the log file
+                raise _InternalError(f"{type(exc).__name__}: {exc}; details in {path}") from None
+            finally:
+                if not ray_before and _ray_running():
+                    # Ray forwards workers' lines until it stops: stop it while they still go
+                    # to the log file (it would stop at exit anyway).
+                    import ray
+
+                    ray.shutdown()
+    finally:
+        if upload is not None and path.exists():
+            with contextlib.suppress(UserError):
+                storage.put_file(path, upload)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    root = logging.getLogger()
+    if not root.handlers:
+        # Library warnings (botocore's, ...) never reach the console as stray lines; `run`
+        # sends them to its log file (see console.routed_output).
+        root.addHandler(logging.NullHandler())
     if argv[:1] == ["bench"]:
         from fusion_etl.bench import main as bench_main
 
@@ -349,12 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         if args.command == "demo":
-            return _demo(args)
+            return _routed(args.run_dir, "demo", args.verbose, lambda: _demo(args))
         if args.command == "status":
             if args.run_dir:
+                storage.check_access(args.run_dir)
                 return _status(args.run_dir)
             cfg = load_config(args.config, args.overrides)
-            storage.configure(cfg.storage)
+            _check_storage(cfg)
             return _status(cfg.run_dir)
         cfg = load_config(args.config, args.overrides)
         if args.command in ("job-id", "submit"):
@@ -369,24 +489,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.path.join(args.working_dir, "jobs", "runtime_env.yaml")
             ):
                 runtime_env = os.path.join(args.working_dir, "jobs", "runtime_env.yaml")
-            return submit(
-                args.stage,
-                cfg,
-                config_path=args.config,
-                overrides=args.overrides,
-                overwrite=args.overwrite,
-                address=args.address,
-                runtime_env_path=runtime_env,
-                working_dir=os.path.abspath(args.working_dir),
-                wait=args.wait,
+            return _routed(
+                cfg.run_dir,
+                f"submit-{args.stage}",
+                args.verbose,
+                lambda: submit(
+                    args.stage,
+                    cfg,
+                    config_path=args.config,
+                    overrides=args.overrides,
+                    overwrite=args.overwrite,
+                    address=args.address,
+                    runtime_env_path=runtime_env,
+                    working_dir=os.path.abspath(args.working_dir),
+                    wait=args.wait,
+                    verbose=args.verbose,
+                ),
             )
         if args.command == "run":
-            return _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards)
+            _check_storage(cfg)
+            return _routed(
+                cfg.run_dir,
+                f"run-{args.stage}",
+                args.verbose,
+                lambda: _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards),
+            )
         if args.command == "plan":
+            _check_storage(cfg)
             return _plan(cfg, args.stage)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever a library put in the message.
+        print(scrub("error: " + " ".join(str(exc).split())), file=sys.stderr)
         return 2
+    except _InternalError as exc:
+        print(scrub(f"error: internal error (a bug, please report it): {exc}"), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "interrupted: committed shards are kept; run the same command again to resume",

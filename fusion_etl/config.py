@@ -65,6 +65,14 @@ class StorageConfig:
     anon: bool = False
     """Anonymous access (public buckets)."""
     profile: str | None = None
+    retries: int = 5
+    """Retries of an operation that failed for a reason that may pass (connection refused or
+    broken, timeout, 5xx, throttling), waiting retry_wait_s, then twice as long each time (at
+    most 30 s); then the stage stops with one error naming the URL. 0: no retries."""
+    retry_wait_s: float = 1.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    """Longest wait for an answer to one request."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,16 @@ class RayConfig:
     object_store_memory_mb: int = 256
     max_in_flight: int = 0
     """Shards submitted at once; 0: twice the cluster's CPUs."""
+    shard_timeout_s: float = 0.0
+    """Longest one attempt at one shard may take (on an actor: including its model's load)
+    before its task or actor is killed and the shard retried; 0: no limit. A hung GPU worker
+    otherwise holds a stage forever."""
+    shard_attempts: int = 3
+    """Attempts per shard when its worker dies or exceeds shard_timeout_s; then the stage stops."""
+    lease_ttl_s: float = 60.0
+    """A run holds a lease on each output folder it writes, renewed every ttl/3; a second run
+    is refused while it is live. A dead holder's lease expires after this (at once when the
+    holder was a process on this host that is gone)."""
 
 
 @dataclass(frozen=True)
@@ -391,10 +409,26 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
     return obj
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def _validate(obj: Any, prefix: str) -> None:
     def fail(name: str, msg: str) -> None:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: {msg}")
 
+    if isinstance(obj, StorageConfig):
+        if obj.retries < 0:
+            fail("retries", f"must be 0 or more, got {obj.retries}")
+        for name in ("retry_wait_s", "connect_timeout_s", "read_timeout_s"):
+            if getattr(obj, name) <= 0:
+                fail(name, f"must be positive, got {getattr(obj, name)}")
+    if isinstance(obj, RayConfig):
+        if obj.shard_timeout_s < 0:
+            fail("shard_timeout_s", f"must be 0 (no limit) or positive, got {obj.shard_timeout_s}")
+        if obj.shard_attempts < 1:
+            fail("shard_attempts", f"must be at least 1, got {obj.shard_attempts}")
+        if obj.lease_ttl_s <= 0:
+            fail("lease_ttl_s", f"must be positive, got {obj.lease_ttl_s}")
     if isinstance(obj, PrepareConfig):
         if obj.block_size < 2:
             fail("block_size", f"must be at least 2, got {obj.block_size}")
@@ -441,10 +475,20 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("lr", f"must be positive, got {obj.lr}")
         if not 0.0 <= obj.warmup_ratio < 1.0:
             fail("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.run_name):
-            fail("run_name", f"{obj.run_name!r} must use letters, digits, '_', '-' or '.'")
-    if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
-        fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
+        if not _SAFE_NAME.fullmatch(obj.run_name):
+            fail(
+                "run_name",
+                f"{obj.run_name!r} must use letters, digits, '_', '-' or '.' and start with a "
+                "letter or digit (it names a folder)",
+            )
+    if isinstance(obj, ModelConfig) and not _SAFE_NAME.fullmatch(obj.name):
+        # It names folders (extract/<name>/, vocab_map/<name>.parquet): '..' or a leading '.'
+        # or '_' could point outside the run or onto fusion-etl's own `_shards`, `_leases`.
+        fail(
+            "name",
+            f"{obj.name!r} must use letters, digits, '_', '-' or '.' and start with a letter "
+            "or digit (it names a folder)",
+        )
     if isinstance(obj, PipelineConfig):
         names = [m.name for m in obj.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -513,6 +557,15 @@ def _interpolate(data: Any, root: Any, depth: int = 0) -> Any:
     return data
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(exc).split())
+
+
 def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> PipelineConfig:
     """Build a `PipelineConfig` from plain data and `key.sub=value` overrides."""
     merged: dict[str, Any] = json.loads(json.dumps(data))  # deep copy of plain data
@@ -523,7 +576,9 @@ def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Pipe
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+            raise ConfigError(
+                f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})"
+            ) from None
         _set_dotted(merged, key.strip(), value)
     return _build(PipelineConfig, _interpolate(merged, merged), "")
 
@@ -540,7 +595,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML: {_yaml_problem(exc)}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
     return parse_config(data, overrides)

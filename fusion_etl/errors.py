@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FingerprintMismatchError", "InputDataError", "UserError"]
+__all__ = [
+    "ConfigError",
+    "FingerprintMismatchError",
+    "InputDataError",
+    "LeaseHeldError",
+    "StorageError",
+    "UserError",
+]
 
 
 class UserError(Exception):
@@ -19,3 +26,12 @@ class InputDataError(UserError):
 
 class FingerprintMismatchError(UserError):
     """An output exists that was made with a different configuration."""
+
+
+class StorageError(UserError):
+    """Object storage (or a local disk) refused or failed an operation after bounded retries;
+    the message names the URL and what to set or check."""
+
+
+class LeaseHeldError(UserError):
+    """Another fusion-etl run holds the stage's output folder."""

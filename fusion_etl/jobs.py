@@ -9,6 +9,7 @@ shards and checkpoints the failed one committed).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from fusion_etl.errors import UserError
 __all__ = ["job_id", "submit"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+_SECRET_VAR = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY", re.I)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -41,6 +43,16 @@ def _runtime_env(path: str | None, working_dir: str) -> dict[str, Any]:
             raise UserError(f"--runtime-env {path}: cannot be read: {exc}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"--runtime-env {path}: expected a mapping")
+        secret = sorted(k for k in dict(loaded.get("env_vars") or {}) if _SECRET_VAR.search(str(k)))
+        if secret:
+            # A job's runtime_env is stored with the job and shown by the dashboard and the
+            # Jobs API to anyone who can reach the cluster.
+            raise UserError(
+                f"--runtime-env {path}: env_vars {', '.join(secret)} look like credentials; a "
+                "job's runtime_env is visible to everyone who can reach the cluster. Give the "
+                "cluster's nodes their credentials instead (an instance role or service "
+                "account, or the environment of `ray start`)."
+            )
         env.update(loaded)
     env["working_dir"] = working_dir
     return env
@@ -57,8 +69,11 @@ def submit(
     runtime_env_path: str | None,
     working_dir: str,
     wait: bool,
+    verbose: bool = False,
 ) -> int:
-    """Submit `fusion-etl run <stage>` as a Ray job; returns a process exit code."""
+    """Submit `fusion-etl run <stage>` as a Ray job; with `wait`, print its output (the job's
+    console: fusion-etl's own lines; Ray's and the workers' go to its log file unless
+    `verbose`) until it ends. Returns a process exit code."""
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
@@ -90,6 +105,7 @@ def submit(
             config_path,
             *overrides,
             *(["--overwrite"] if overwrite else []),
+            *(["--verbose"] if verbose else []),
         ]
     )
     client.submit_job(
@@ -102,9 +118,27 @@ def submit(
     )
     if not wait:
         return 0
+    _follow(client, sid)
     status = ""
     while status not in TERMINAL:
-        time.sleep(2)
         status = str(client.get_job_status(sid)).rsplit(".", 1)[-1]
+        if status not in TERMINAL:
+            time.sleep(1)
     print(f"{sid}: {status}")
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _follow(client: Any, sid: str) -> None:
+    """Print the job's output as it comes, until the job ends."""
+    import asyncio
+    import sys
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(sid):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:  # an older server, a dropped connection: the status still counts
+        print(f"could not follow the job's output ({type(exc).__name__}); see ray job logs {sid}")

@@ -11,30 +11,51 @@ Layout of one stage's output folder:
 A rerun with the same fingerprint redoes only shards without a valid record; a different
 fingerprint is refused unless the caller asked to overwrite. Downstream stages read
 `_manifest.json` (never a listing) and only once `_SUCCESS` exists.
+
+One run at a time writes an output folder: it holds a lease, `<parent>/_leases/<folder>.json`
+(beside the folder, so that `--overwrite` replacing the folder keeps it), from before it reads
+the folder's state until after `_SUCCESS`. A second run is refused while the lease is live. The
+holder renews it every `ttl/3`; a lease whose holder died expires after `ttl`, or at once when
+the holder was a process on this host that no longer exists (a killed run resumes at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from fusion_etl import storage
-from fusion_etl.errors import FingerprintMismatchError, UserError
+from fusion_etl.config import redact
+from fusion_etl.console import log
+from fusion_etl.errors import FingerprintMismatchError, LeaseHeldError, UserError
+from fusion_etl.redaction import scrub
 
 __all__ = [
+    "LEASES_DIR",
     "MANIFEST",
     "SHARDS_DIR",
     "STAGE_FILE",
     "SUCCESS",
     "Manifest",
     "ShardRecord",
+    "StageLease",
+    "acquire_lease",
     "begin_stage",
     "done_records",
     "is_finished",
+    "lease_holder",
+    "lease_url",
     "read_manifest",
+    "stage_lease",
     "stage_state",
     "write_manifest",
     "write_record",
@@ -44,6 +65,7 @@ STAGE_FILE = "_stage.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 SHARDS_DIR = "_shards"
+LEASES_DIR = "_leases"
 FORMAT_VERSION = 1
 
 
@@ -267,3 +289,188 @@ def read_manifest(out_url: str, *, stage: str) -> Manifest:
         shards=tuple(ShardRecord.from_json(r) for r in data["shards"]),
         created=float(data["created"]),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The lease: one run at a time per output folder.
+
+
+def lease_url(out_url: str) -> str:
+    """Where the lease of an output folder lives: beside it, in `_leases/`."""
+    parent, _, name = out_url.rstrip("/").rpartition("/")
+    return storage.join(parent or ".", LEASES_DIR, f"{name}.json")
+
+
+def _read_lease(url: str) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = storage.read_json(url)
+    except UserError as exc:
+        if "does not exist" in str(exc):
+            return None
+        raise
+    except ValueError:  # a torn local write cannot happen (atomic), but never trust a file
+        return None
+    return data
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+# Leases this process holds right now (a lease of this process not among them was left
+# behind by a run that failed while the store was unreachable).
+_HELD: set[str] = set()
+
+
+def _stale(lease: Mapping[str, Any], now: float) -> str | None:
+    """Why `lease` no longer protects anything, or None while it is live."""
+    if float(lease.get("expires", 0)) < now:
+        return "it expired"
+    if lease.get("host") == socket.gethostname():
+        pid = int(lease.get("pid", -1))
+        if not _pid_alive(pid):
+            return f"its process {pid} on this host is gone"
+        if pid == os.getpid() and lease.get("holder") not in _HELD:
+            return "an earlier run in this process left it behind"
+    return None
+
+
+def _describe_holder(lease: Mapping[str, Any], now: float) -> str:
+    started = now - float(lease.get("acquired", now))
+    left = max(0.0, float(lease.get("expires", now)) - now)
+    return (
+        f"pid {lease.get('pid')} on {lease.get('host')}, running `{lease.get('command', '?')}` "
+        f"for {started:.0f} s; if that run has died its lease expires in {left:.0f} s"
+    )
+
+
+def lease_holder(out_url: str) -> str | None:
+    """Who holds a live lease on `out_url` (for `plan`), or None."""
+    lease = _read_lease(lease_url(out_url))
+    now = time.time()
+    if lease is None or _stale(lease, now):
+        return None
+    return _describe_holder(lease, now)
+
+
+class StageLease:
+    """A held lease; renewed in a background thread until `release`."""
+
+    def __init__(self, url: str, record: dict[str, Any], ttl_s: float) -> None:
+        self.url = url
+        self._record = record
+        self._ttl = ttl_s
+        self._stop = threading.Event()
+        self._lost: str | None = None
+        self._renewed = time.monotonic()
+        _HELD.add(self.token)
+        self._thread = threading.Thread(
+            target=self._renew_loop, name="fusion-etl-lease", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def token(self) -> str:
+        return str(self._record["holder"])
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self._ttl / 3):
+            try:
+                self.renew()
+            except UserError as exc:
+                # The store may be down for a moment: keep trying until the lease would expire.
+                if time.monotonic() - self._renewed > self._ttl:
+                    self._lost = f"it could not be renewed for {self._ttl:.0f} s ({exc})"
+
+    def renew(self) -> None:
+        current = _read_lease(self.url)
+        if current is None or current.get("holder") != self.token:
+            self._lost = "another run took it over"
+            return
+        now = time.time()
+        self._record = {**self._record, "renewed": now, "expires": now + self._ttl}
+        storage.write_json(self.url, self._record)
+        self._renewed = time.monotonic()
+
+    def check(self) -> None:
+        """Raise if the lease was lost: the run must stop before it writes anything more."""
+        if self._lost is not None:
+            raise LeaseHeldError(
+                f"lost the lease on {self.url} ({self._lost}); stopping so that two runs never "
+                "write one folder. Run the same command again to resume."
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        _HELD.discard(self.token)
+        with contextlib.suppress(UserError):
+            current = _read_lease(self.url)
+            if current is not None and current.get("holder") == self.token:
+                storage.remove(self.url)
+
+
+def acquire_lease(out_url: str, *, stage: str, fingerprint: str, ttl_s: float) -> StageLease:
+    """Take the lease of `out_url`, or raise `LeaseHeldError` naming the run that holds it."""
+    url = lease_url(out_url)
+    now = time.time()
+    record = {
+        "holder": uuid.uuid4().hex,
+        "stage": stage,
+        "fingerprint": fingerprint,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": scrub(str(redact(" ".join(["fusion-etl", *sys.argv[1:]]))))[:300],
+        "acquired": now,
+        "renewed": now,
+        "expires": now + ttl_s,
+    }
+    for _ in range(5):
+        try:
+            storage.write_json(url, record, exclusive=True)
+        except FileExistsError:
+            current = _read_lease(url)
+            if current is None:
+                continue  # released in between: try again
+            if current.get("holder") == record["holder"]:
+                break  # our own create, retried after a lost answer
+            why = _stale(current, time.time())
+            if why is None:
+                raise LeaseHeldError(
+                    f"{stage}: {out_url} is in use by another fusion-etl run "
+                    f"({_describe_holder(current, time.time())}). Wait for it to finish, "
+                    "or use another run_dir."
+                ) from None
+            log(f"{stage}: taking over the lease of a run that is gone ({why})")
+            storage.remove(url)
+            continue
+        break
+    else:
+        raise LeaseHeldError(f"{stage}: could not take the lease {url}; runs keep racing for it")
+    # Stores that ignore a conditional PUT would let two creates both succeed: read it back.
+    current = _read_lease(url)
+    if current is None or current.get("holder") != record["holder"]:
+        raise LeaseHeldError(f"{stage}: another run took the lease {url} at the same moment")
+    return StageLease(url, record, ttl_s)
+
+
+@contextlib.contextmanager
+def stage_lease(
+    out_url: str, *, stage: str, fingerprint: str, ttl_s: float = 60.0
+) -> Iterator[StageLease]:
+    """Hold the lease of `out_url` for the block: every write of a stage's run goes inside.
+
+    Sharded stages get it from the runner; whole-job stages (train, evaluate) wrap their
+    `run` in it. Call `lease.check()` before committing (the manifest) to stop if it was lost.
+    """
+    lease = acquire_lease(out_url, stage=stage, fingerprint=fingerprint, ttl_s=ttl_s)
+    try:
+        yield lease
+    finally:
+        lease.release()

@@ -10,16 +10,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import pyarrow as pa
 
 from fusion_etl import manifest, storage
 from fusion_etl.config import PipelineConfig
+from fusion_etl.console import StageProgress, log
 from fusion_etl.errors import UserError
 from fusion_etl.manifest import ShardRecord
 from fusion_etl.schema import parquet_bytes, write_parquet
@@ -31,6 +31,7 @@ __all__ = [
     "Stage",
     "StagePlan",
     "WorkItem",
+    "log",
     "make_plan",
     "parse_shard_selection",
     "run_stage",
@@ -136,10 +137,6 @@ class RunResult:
     records: tuple[ShardRecord, ...]
 
 
-def log(msg: str) -> None:
-    print(f"[fusion-etl] {msg}", file=sys.stderr, flush=True)
-
-
 def commit_shard(cfg: PipelineConfig, stage: Stage, out_url: str, item: WorkItem) -> ShardRecord:
     """Process one item, write its shard atomically, then its record. Runs on a worker."""
     storage.configure(cfg.storage)
@@ -199,13 +196,44 @@ def _write_batches(url: str, out: ShardOutput, stage_name: str) -> tuple[int, in
     return rows, size, digest.hexdigest()
 
 
-def _commit_by_name(
-    cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem
-) -> ShardRecord:
-    # Workers look the stage up by name: stage objects need not pickle.
-    from fusion_etl.stages import get_stage
+def stage_ref(stage: Stage) -> str:
+    """How a worker finds the stage: `module:Class` (stages are stateless, built with no
+    arguments), so stage objects need not pickle and any importable stage can run."""
+    cls = type(stage)
+    return f"{cls.__module__}:{cls.__qualname__}"
 
-    return commit_shard(cfg, get_stage(stage_name), out_url, item)
+
+def _resolve(ref: str) -> Stage:
+    import importlib
+
+    module, _, name = ref.partition(":")
+    stage: Stage = getattr(importlib.import_module(module), name)()
+    return stage
+
+
+def _commit_by_ref(cfg: PipelineConfig, ref: str, out_url: str, item: WorkItem) -> ShardRecord:
+    return commit_shard(cfg, _resolve(ref), out_url, item)
+
+
+_STARTED = "fusion-etl:started"
+
+
+def _commit_stream(
+    cfg: PipelineConfig, ref: str, out_url: str, item: WorkItem
+) -> Iterator[ShardRecord | str]:
+    """A shard's commit on a worker, as a stream: first a mark that the attempt has started
+    (the time limit runs from here, not from when it was queued, so waiting for a worker or a
+    new node never counts), then its record."""
+    yield _STARTED
+    yield _commit_by_ref(cfg, ref, out_url, item)
+
+
+def _reraise(exc: Any, item: WorkItem) -> NoReturn:
+    """A worker's exception, with the shard named when it is the user's to fix."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, UserError):
+        raise type(cause)(f"shard {item.shard}: {cause}") from None
+    raise exc
 
 
 def parse_shard_selection(spec: str, names: Sequence[str]) -> set[str]:
@@ -237,14 +265,6 @@ def parse_shard_selection(spec: str, names: Sequence[str]) -> set[str]:
     return chosen
 
 
-def _progress(total: int, initial: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, initial=initial, desc=desc, unit="shard", file=sys.stderr, mininterval=1.0
-    )
-
-
 def _run_inline(
     cfg: PipelineConfig,
     stage: Stage,
@@ -263,48 +283,108 @@ def _run_on_ray(
     todo: Sequence[WorkItem],
     on_done: Callable[[ShardRecord], None],
     *,
+    label: str,
     num_cpus: float,
     resources: Mapping[str, float],
 ) -> None:
     from fusion_etl.ray_utils import init_ray
 
     ray = init_ray(cfg.ray)
-    # A worker that dies (OOM, preemption) is retried by Ray; errors in our code are not.
-    task = ray.remote(num_cpus=num_cpus, resources=dict(resources) or None, max_retries=3)(
-        _commit_by_name
-    )
+    # A worker that dies (OOM, preemption, a lost node) is retried by Ray; errors in our code
+    # are not.
+    task = ray.remote(
+        num_cpus=num_cpus,
+        resources=dict(resources) or None,
+        max_retries=max(0, cfg.ray.shard_attempts - 1),
+    )(_commit_stream)
     cfg_ref = ray.put(cfg)
+    ref_name = stage_ref(stage)
     limit = cfg.ray.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
     pending: dict[Any, WorkItem] = {}
+    timer = _ShardTimer(cfg, label)
     queue = list(todo)
-    while queue or pending:
-        while queue and len(pending) < limit:
-            item = queue.pop(0)
-            pending[task.remote(cfg_ref, stage.name, out_url, item)] = item
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            item = pending.pop(ref)
-            try:
-                on_done(ray.get(ref))
-            except ray.exceptions.RayTaskError as exc:
-                for other in pending:
-                    ray.cancel(other)
-                cause = exc.cause
-                if isinstance(cause, UserError):
-                    raise type(cause)(f"shard {item.shard}: {cause}") from None
-                raise
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                item = queue.pop(0)
+                pending[task.remote(cfg_ref, ref_name, out_url, item)] = item
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timer.wait_s())
+            for stream in ready:
+                item = pending[stream]
+                try:
+                    value = ray.get(next(stream))
+                except ray.exceptions.RayTaskError as exc:
+                    pending.pop(stream)
+                    _reraise(exc, item)
+                if value == _STARTED:
+                    timer.start(stream)
+                    continue
+                pending.pop(stream)
+                timer.started.pop(stream, None)
+                on_done(value)
+            for stream in timer.expired(pending):
+                # A hung task: kill its worker process and hand the shard out again.
+                item = pending.pop(stream)
+                ray.cancel(stream, force=True)
+                timer.give_up_or_log(item.shard, "killed its task")
+                queue.insert(0, item)
+    except BaseException:
+        for other in pending:
+            ray.cancel(other)
+        raise
 
 
 class ShardActor:
     """A long-lived worker; stage state (a loaded model) lives in its process caches."""
 
     def commit(
-        self, cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem
-    ) -> ShardRecord:
-        return _commit_by_name(cfg, stage_name, out_url, item)
+        self, cfg: PipelineConfig, ref: str, out_url: str, item: WorkItem
+    ) -> Iterator[ShardRecord | str]:
+        yield from _commit_stream(cfg, ref, out_url, item)
 
 
-MAX_ACTOR_DEATHS_PER_SHARD = 3
+class _ShardTimer:
+    """Attempts per shard, and the time limit of each (`ray.shard_timeout_s`)."""
+
+    def __init__(self, cfg: PipelineConfig, label: str) -> None:
+        self.limit = cfg.ray.shard_timeout_s
+        self.max_attempts = cfg.ray.shard_attempts
+        self.label = label
+        self.started: dict[Any, float] = {}
+        self.attempts: dict[str, int] = {}
+
+    def start(self, ref: Any) -> None:
+        self.started[ref] = time.monotonic()
+
+    def wait_s(self) -> float | None:
+        """How long `ray.wait` may block before the oldest attempt runs out of time."""
+        if self.limit <= 0 or not self.started:
+            return None
+        return max(0.0, min(self.started.values()) + self.limit - time.monotonic())
+
+    def expired(self, pending: Mapping[Any, Any]) -> list[Any]:
+        if self.limit <= 0:
+            return []
+        now = time.monotonic()
+        out = [r for r in pending if now - self.started.get(r, now) >= self.limit]
+        for ref in out:
+            self.started.pop(ref, None)
+        return out
+
+    def give_up_or_log(self, shard: str, action: str, why: str | None = None) -> None:
+        """Count a failed attempt at `shard`; raise once it has had all its attempts."""
+        n = self.attempts[shard] = self.attempts.get(shard, 0) + 1
+        why = why or f"did not finish within ray.shard_timeout_s={self.limit:g} s"
+        if n >= self.max_attempts:
+            raise UserError(
+                f"{self.label}: shard {shard} {why} on each of its {n} attempts (ray.shard_attempts); "
+                "if shards legitimately take this long, raise ray.shard_timeout_s"
+                if why.startswith("did not finish")
+                else f"{self.label}: shard {shard}: {why}, {n} times (ray.shard_attempts)"
+            )
+        log(
+            f"{self.label}: shard {shard} {why}; {action} and retrying (attempt {n + 1} of {self.max_attempts})"
+        )
 
 
 def _run_on_actors(
@@ -314,6 +394,7 @@ def _run_on_actors(
     todo: Sequence[WorkItem],
     on_done: Callable[[ShardRecord], None],
     *,
+    label: str,
     pool: ActorPool,
 ) -> None:
     from fusion_etl.ray_utils import init_ray
@@ -321,44 +402,57 @@ def _run_on_actors(
     ray = init_ray(cfg.ray)
     actor_cls = ray.remote(ShardActor).options(max_restarts=0, **dict(pool.options))
     cfg_ref = ray.put(cfg)
+    ref_name = stage_ref(stage)
     actors = [actor_cls.remote() for _ in range(min(pool.size, len(todo)))]
     idle = list(actors)
     queue = list(todo)
     pending: dict[Any, tuple[Any, WorkItem]] = {}
-    deaths: dict[str, int] = {}
+    timer = _ShardTimer(cfg, label)
+
+    def replace(actor: Any) -> None:
+        ray.kill(actor)
+        actors.remove(actor)
+        fresh = actor_cls.remote()
+        actors.append(fresh)
+        idle.append(fresh)
+
     try:
         while queue or pending:
             while queue and idle:
                 actor, item = idle.pop(0), queue.pop(0)
-                pending[actor.commit.remote(cfg_ref, stage.name, out_url, item)] = (actor, item)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor, item = pending.pop(ready[0])
-            try:
-                record = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                # The process died (OOM, preemption, a crash in native code): replace it and
-                # hand its shard out again. Deterministic shard names make the retry safe.
-                deaths[item.shard] = deaths.get(item.shard, 0) + 1
-                if deaths[item.shard] >= MAX_ACTOR_DEATHS_PER_SHARD:
-                    raise RuntimeError(
-                        f"shard {item.shard}: its actor died {deaths[item.shard]} times; last: {exc}"
-                    ) from None
-                log(
-                    f"{stage.name}: actor died on {item.shard} ({type(exc).__name__}); replacing it and retrying"
-                )
-                actors.remove(actor)
-                fresh = actor_cls.remote()
-                actors.append(fresh)
-                idle.append(fresh)
+                pending[actor.commit.remote(cfg_ref, ref_name, out_url, item)] = (actor, item)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timer.wait_s())
+            for stream in ready:
+                actor, item = pending[stream]
+                try:
+                    value = ray.get(next(stream))
+                except ray.exceptions.RayActorError as exc:
+                    # The process died (OOM, preemption, a lost node, a crash in native code):
+                    # replace it and hand its shard out again. Deterministic shard names make
+                    # the retry safe.
+                    pending.pop(stream)
+                    timer.started.pop(stream, None)
+                    replace(actor)
+                    timer.give_up_or_log(
+                        item.shard, "replaced it", why=f"its actor died ({type(exc).__name__})"
+                    )
+                    queue.insert(0, item)
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    _reraise(exc, item)
+                if value == _STARTED:
+                    timer.start(stream)
+                    continue
+                pending.pop(stream)
+                timer.started.pop(stream, None)
+                on_done(value)
+                idle.append(actor)
+            for stream in timer.expired(pending):
+                # A hung actor (a stuck GPU, a deadlock): kill it, hand its shard out again.
+                actor, item = pending.pop(stream)
+                replace(actor)
+                timer.give_up_or_log(item.shard, "killed its actor")
                 queue.insert(0, item)
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause
-                if isinstance(cause, UserError):
-                    raise type(cause)(f"shard {item.shard}: {cause}") from None
-                raise
-            on_done(record)
-            idle.append(actor)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -404,6 +498,26 @@ def _run_plan(
     names = [it.shard for it in plan.items]
     if len(set(names)) != len(names):
         raise AssertionError(f"{label}: duplicate shard names in plan")  # a bug, not the user's
+    with manifest.stage_lease(
+        out_url, stage=label, fingerprint=plan.fingerprint, ttl_s=cfg.ray.lease_ttl_s
+    ) as lease:
+        return _run_leased(
+            stage, cfg, plan, label, names, lease, overwrite=overwrite, shards=shards
+        )
+
+
+def _run_leased(
+    stage: Stage,
+    cfg: PipelineConfig,
+    plan: StagePlan,
+    label: str,
+    names: list[str],
+    lease: manifest.StageLease,
+    *,
+    overwrite: bool,
+    shards: str | None,
+) -> RunResult:
+    out_url = plan.output
     if shards is None and manifest.is_finished(out_url, plan.fingerprint):
         log(
             f"{label}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
@@ -420,24 +534,13 @@ def _run_plan(
     done = manifest.done_records(out_url, names)
     selected = set(names) if shards is None else parse_shard_selection(shards, names)
     todo = [it for it in plan.items if it.shard in selected and it.shard not in done]
-    log(
-        f"{label}: {len(names)} shards, {len(done)} already committed, {len(todo)} to run -> {out_url}"
-    )
     records: dict[str, ShardRecord] = dict(done)
-    bar = _progress(len(selected), len(selected & set(done)), label)
-    rows = tokens = 0
-    started = time.monotonic()
+    progress = StageProgress(label, len(selected), len(selected & set(done)), out_url)
 
     def on_done(record: ShardRecord) -> None:
-        nonlocal rows, tokens
+        lease.check()
         records[record.name] = record
-        rows += record.rows
-        tokens += record.stats.get("tokens", 0)
-        bar.update(1)
-        postfix: dict[str, Any] = {"docs": rows}
-        if tokens:
-            postfix["tok/s"] = f"{tokens / max(time.monotonic() - started, 1e-9):.0f}"
-        bar.set_postfix(postfix)
+        progress.update(record.rows, record.stats.get("tokens", 0))
 
     try:
         if todo:
@@ -446,7 +549,7 @@ def _run_plan(
         if cfg.ray.executor == "inline":
             _run_inline(cfg, stage, out_url, todo, on_done)
         elif pool is not None:
-            _run_on_actors(cfg, stage, out_url, todo, on_done, pool=pool)
+            _run_on_actors(cfg, stage, out_url, todo, on_done, label=label, pool=pool)
         else:
             # CPUs and custom resources per task come from the stage's own config section.
             section = getattr(cfg, stage.name, None)
@@ -456,13 +559,15 @@ def _run_plan(
                 out_url,
                 todo,
                 on_done,
+                label=label,
                 num_cpus=float(getattr(section, "num_cpus", 0.5)),
                 resources=dict(getattr(section, "resources", {})),
             )
     finally:
-        bar.close()
+        progress.close()
     complete = all(n in records for n in names)
     if complete:
+        lease.check()
         # Every shard write has returned (we hold all their records): only now the manifest.
         manifest.write_manifest(
             out_url,
@@ -472,11 +577,7 @@ def _run_plan(
             inputs=plan.inputs,
             records=[records[n] for n in names],
         )
-        log(f"{label}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows")
-    else:
-        log(
-            f"{label}: {len(records)} of {len(names)} shards committed; run again without --shards to finish"
-        )
+    progress.finish(sum(r.rows for r in records.values()), complete=complete)
     return RunResult(
         label,
         len(names),

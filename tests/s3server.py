@@ -12,11 +12,17 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["S3Server", "start_s3_server"]
 
 ACCESS_KEY = "fusion-test-key"
-SECRET_KEY = "fusion-test-secret"
+# Recognisable, so that a test can search every output for it (it must never appear).
+SECRET_KEY = "FAKE-SECRET-fusion-test-7c1e9a42"
+# An identity that may read and list but not write.
+READER_ACCESS_KEY = "fusion-test-reader"
+READER_SECRET_KEY = "FAKE-SECRET-fusion-reader-3b8d51f0"
+PROBE = "_probe"  # an object that start() reads back to know the server serves its data
 
 
 @dataclass
@@ -25,6 +31,8 @@ class S3Server:
     bucket: str
     process: subprocess.Popen[bytes]
     log: Path
+    command: list[str]
+    workdir: Path
 
     def stop(self) -> None:
         self.process.terminate()
@@ -33,6 +41,41 @@ class S3Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def kill(self) -> None:
+        """Stop it dead (SIGKILL), as a crashed or unplugged server would."""
+        self.process.kill()
+        self.process.wait()
+
+    def start(self) -> None:
+        """Start it again (same ports, same data) and wait until it serves what it stored
+        and takes writes again (its volumes register a while after the endpoint answers:
+        500s, then slow writes, until then)."""
+        self.process = _launch(self.command, self.workdir, self.log)
+        _wait_until_up(self)
+        client = self._client()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.cat_file(f"{self.bucket}/{PROBE}") == b"probe":
+                    client.pipe_file(f"{self.bucket}/{PROBE}", b"probe")
+                    return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+    def _client(self) -> Any:
+        import fsspec
+
+        return fsspec.filesystem(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            key=ACCESS_KEY,
+            secret=SECRET_KEY,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
 
 
 def _free_ports(n: int) -> list[int]:
@@ -69,7 +112,14 @@ def start_s3_server(workdir: Path, bucket: str = "fusion-test") -> S3Server:
                         "name": "tests",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        "name": "reader",
+                        "credentials": [
+                            {"accessKey": READER_ACCESS_KEY, "secretKey": READER_SECRET_KEY}
+                        ],
+                        "actions": ["Read", "List"],
+                    },
                 ]
             }
         )
@@ -112,12 +162,29 @@ def start_s3_server(workdir: Path, bucket: str = "fusion-test") -> S3Server:
         f"-metricsPort={ports['metrics']}",
     ]
     (workdir / "data").mkdir(exist_ok=True)
-    fh = log.open("wb")
-    proc = subprocess.Popen(
-        cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
-    )
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    server = S3Server(endpoint_url=endpoint, bucket=bucket, process=proc, log=log)
+    server = S3Server(
+        endpoint_url=endpoint,
+        bucket=bucket,
+        process=_launch(cmd, workdir, log),
+        log=log,
+        command=cmd,
+        workdir=workdir,
+    )
+    _wait_until_up(server)
+    server._client().pipe_file(f"{bucket}/{PROBE}", b"probe")
+    return server
+
+
+def _launch(cmd: list[str], workdir: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as fh:
+        return subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
+        )
+
+
+def _wait_until_up(server: S3Server) -> None:
+    proc, log, endpoint, bucket = server.process, server.log, server.endpoint_url, server.bucket
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -128,15 +195,13 @@ def start_s3_server(workdir: Path, bucket: str = "fusion-test") -> S3Server:
             urllib.request.urlopen(f"{endpoint}/{bucket}", timeout=2)
         except urllib.error.HTTPError as exc:
             if exc.code in (403, 200, 301, 307):  # answering (anonymous is refused: auth is on)
-                break
+                return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         else:
-            break
+            return
         time.sleep(0.2)
-    else:
-        server.stop()
-        raise RuntimeError(
-            f"weed mini did not answer on {endpoint} within 60 s; log: {log.read_text()[-2000:]}"
-        )
-    return server
+    server.stop()
+    raise RuntimeError(
+        f"weed mini did not answer on {endpoint} within 60 s; log: {log.read_text()[-2000:]}"
+    )

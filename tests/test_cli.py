@@ -43,6 +43,18 @@ def test_demo_end_to_end_with_test_kit(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr[-3000:]
     assert re.search(r"^prepare\s+complete", first.stdout, re.M)
     assert (run_dir / "prepare" / "_SUCCESS").exists()
+    # A readable console: one line per stage (per model in extract), training steps, the
+    # evaluation table last; Ray's and the libraries' own output is in the log file.
+    console = first.stdout + first.stderr
+    for noise in ("(pid=", "Loading weights", "Failed to query", "Running Dataset", "INFO worker"):
+        assert noise not in console, noise
+    for line in ("prepare: committed", "extract/src_neox: committed", "align_fuse: committed"):
+        assert len(re.findall(rf"^\[fusion-etl\] {line}", first.stderr, re.M)) == 1, line
+    assert re.search(r"^\[fusion-etl\] train: step \d+/\d+ loss", console, re.M)
+    assert first.stdout.rstrip().splitlines()[-1].startswith("| src_gpt2 |")
+    logs = list((run_dir / "_logs").glob("*-demo-*.log"))
+    assert len(logs) == 1 and f"[fusion-etl] log: {logs[0]}" in first.stderr
+    assert "Started a local Ray instance" in logs[0].read_text()
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "prepare: up to date" in second.stderr

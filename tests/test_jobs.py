@@ -48,6 +48,10 @@ def _worker_port_base() -> int:
     return 10000 + secrets.randbelow(max(1, (low - 10100) // 100)) * 100
 
 
+# Temp dir of each head started here (its Ray session logs are searched for secrets).
+HEAD_TEMP_DIRS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """`ray start --head --block` with its own ports and temp dir; stopped (only it) afterwards."""
@@ -99,6 +103,7 @@ def ray_head() -> Iterator[str]:
                     f"ray start failed: {Path(f'{temp_dir}.log').read_text()[-3000:]}"
                 ) from None
             time.sleep(0.5)
+    HEAD_TEMP_DIRS[address] = temp_dir
     try:
         yield address
     finally:
@@ -214,5 +219,37 @@ def test_pipeline_as_ray_jobs_with_single_stage_reruns(
             assert after_all[stage] == after_one[stage], stage
         for stage in ("train", "evaluate"):
             assert after_all[stage] != after_one[stage], stage
+
+        # The console of `submit --wait` (the job's own output, followed) and `ray job logs`:
+        # fusion-etl's lines only; Ray's and the workers' went to the job's log file, which
+        # was copied to <run_dir>/_logs/.
+        for text in (first.stdout + first.stderr, logs.stdout):
+            assert "[fusion-etl] align_fuse: committed" in text
+            for noise in ("(pid=", "Loading weights", "Failed to query", "Running Dataset"):
+                assert noise not in text, noise
+        assert "[fusion-etl] train: step" in first.stdout + first.stderr
+        job_logs = [u for u in storage.list_files(f"{run_url}/_logs") if u.endswith(".log")]
+        assert job_logs and any("(pid=" in storage.read_bytes(u).decode() for u in job_logs)
+
+        # The secret of the credentials every node used appears in no output: not in the
+        # objects written (stage state, manifests, records, shards, checkpoints, the model,
+        # log files), not in the jobs' submission metadata or runtime_env, not in their logs,
+        # not in Ray's own session logs, not on the console.
+        from tests.s3server import SECRET_KEY
+        from tests.test_secrets import assert_no_secret
+
+        assert any("/train/ray/" in u for u in storage.list_files(run_url))  # checkpoints
+        for url in storage.list_files(base):
+            assert_no_secret(SECRET_KEY, url, storage.read_bytes(url))
+        for info in client.list_jobs():
+            assert_no_secret(SECRET_KEY, f"job {info.submission_id}", repr(info))
+            if info.submission_id:
+                job_log = client.get_job_logs(info.submission_id)
+                assert_no_secret(SECRET_KEY, f"logs of {info.submission_id}", job_log)
+        for name, proc in {"first": first, "again": again, "one": one, "rest": rest}.items():
+            assert_no_secret(SECRET_KEY, f"console of {name}", proc.stdout + proc.stderr)
+        for path in Path(HEAD_TEMP_DIRS[ray_head]).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert_no_secret(SECRET_KEY, str(path), path.read_bytes())
     finally:
         storage.configure(StorageConfig())

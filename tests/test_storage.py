@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fusion_etl import manifest, storage
-from fusion_etl.errors import FingerprintMismatchError, UserError
+from fusion_etl.errors import FingerprintMismatchError, StorageError, UserError
 from fusion_etl.manifest import ShardRecord
 
 
@@ -45,7 +45,8 @@ def test_local_write_is_atomic_and_leaves_no_temp_files(
         raise OSError("disk gone")
 
     monkeypatch.setattr("os.replace", broken_replace)
-    with pytest.raises(OSError, match="disk gone"):
+    # A failing disk is one clear error naming the file, not a traceback.
+    with pytest.raises(StorageError, match=r"cannot write .*shard\.parquet: OSError: disk gone"):
         storage.write_bytes(target, b"half")
     # The old content is intact and no temp file is left behind.
     assert Path(target).read_bytes() == b"complete"

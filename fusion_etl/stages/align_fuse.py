@@ -152,11 +152,12 @@ def _load_vocab_map(url: str) -> npt.NDArray[np.int32]:
 
 def _open_parquet(url: str) -> pq.ParquetFile:
     """A Parquet file to read in runs of rows (object stores: ranged reads, no full download)."""
-    fs, path = storage.filesystem(url)
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
-    except FileNotFoundError:
-        raise InputDataError(f"{url} does not exist") from None
+        return pq.ParquetFile(storage.open_file(url))
+    except UserError as exc:
+        if "does not exist" in str(exc):
+            raise InputDataError(str(exc)) from None
+        raise
 
 
 def _check_extract(pf: pq.ParquetFile, url: str, model: ModelConfig) -> int:
