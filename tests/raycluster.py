@@ -1,8 +1,8 @@
 """A real multi-node Ray cluster on 127.0.0.1 for tests: `ray start` processes the test owns.
 
-Each node is a `ray start --block` in its own process group, so a test can remove one node
-(SIGKILL of that group: its raylet and its workers) and tear down exactly what it started,
-never another session's Ray.
+Each node is a `ray start --block` in its own session, so a test can remove one node (SIGKILL
+of every process of that session: its raylet and its workers) and tear down exactly what it
+started, never another session's Ray.
 """
 
 from __future__ import annotations
@@ -43,6 +43,20 @@ def _worker_port_base() -> int:
     return 10000 + secrets.randbelow(max(1, (low - 10200) // 200)) * 200
 
 
+# `ray start --address` refuses to join a cluster unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1,
+# and with it set resolves the 127.0.0.1 in `--address` to the machine's routable address.
+# Joining a second node on this machine therefore runs `ray start` with the variable set and
+# the resolution pinned to loopback (what it resolves to with the variable unset): every
+# address stays on 127.0.0.1.
+_JOIN_ON_LOOPBACK = [
+    sys.executable,
+    "-c",
+    "import sys, ray._private.services as s; "
+    "s.get_node_ip_address = lambda address=None: '127.0.0.1'; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())",
+]
+
+
 @dataclass
 class RayCluster:
     """Start with `start_head`, add nodes with `add_node`, remove one with `kill_node`."""
@@ -72,13 +86,14 @@ class RayCluster:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def _launch(self, args: list[str]) -> subprocess.Popen[bytes]:
+    def _launch(self, args: list[str], **env: str) -> subprocess.Popen[bytes]:
         n = len(self.nodes)
         log = open(f"{self.temp_dir}-node{n}.log", "wb")  # noqa: SIM115 - the process owns it
         base = self._worker_base + 100 * n
         node_manager, object_manager, agent_listen, agent_grpc, runtime_env, metrics = free_ports(6)
         cmd = [
-            str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+            *(_JOIN_ON_LOOPBACK if "--head" not in args else [str(BIN / "ray")]),
+            "start", "--block", "--node-ip-address=127.0.0.1",
             f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
             f"--dashboard-agent-listen-port={agent_listen}",
             f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -87,7 +102,11 @@ class RayCluster:
             "--disable-usage-stats", *args,
         ]  # fmt: skip
         proc = subprocess.Popen(
-            cmd, env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            env={**self._env(), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.nodes.append(proc)
         return proc
@@ -112,39 +131,43 @@ class RayCluster:
                 f"--address={self.address}",
                 f"--num-cpus={num_cpus}",
                 "--object-store-memory=134217728",
-            ]
+            ],
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",  # see _JOIN_ON_LOOPBACK
         )
         self.wait_for_nodes(len(self.nodes))
         return proc
 
-    def wait_for_nodes(self, n: int, timeout: float = 120) -> None:
+    def wait_for_nodes(self, n: int, timeout: float = 180) -> None:
+        """Until `n` nodes have registered with the head (as `ray status` lists them)."""
         deadline = time.monotonic() + timeout
-        while self._raylets() < n:
+        while self.active_nodes() < n:
             for proc in self.nodes:
                 if proc.poll() is not None:
                     raise RuntimeError(f"a ray node exited: see {self.temp_dir}-node*.log")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{n} raylets did not start within {timeout} s")
+                raise RuntimeError(f"{n} nodes did not join within {timeout} s")
             time.sleep(0.5)
 
+    def active_nodes(self) -> int:
+        proc = subprocess.run(
+            [str(BIN / "ray"), "status", f"--address={self.address}"],
+            capture_output=True,
+            text=True,
+            env=self._env(),
+            timeout=60,
+        )
+        active = proc.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+        return sum(line.strip().startswith("1 node_") for line in active.splitlines())
+
     def _members(self, node: subprocess.Popen[bytes]) -> list[tuple[int, str]]:
-        """(pid, command line) of every process in `node`'s process group."""
-        try:
-            pgid = os.getpgid(node.pid)
-        except ProcessLookupError:
-            return []
+        """(pid, command line) of every process of `node`: its session (`ray start` runs in a
+        session of its own; Ray puts each worker in a process group of its own within it)."""
         out = []
         for p in psutil.process_iter(["cmdline", "pid"]):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(p.info["pid"]) == pgid:
+                if os.getsid(p.info["pid"]) == node.pid:
                     out.append((int(p.info["pid"]), " ".join(p.info["cmdline"] or [])))
         return out
-
-    def _raylets(self) -> int:
-        return sum(
-            any("raylet" in cmd and "--node_manager_port" in cmd for _, cmd in self._members(n))
-            for n in self.nodes
-        )
 
     def busy_workers(self, node: subprocess.Popen[bytes], name: str) -> int:
         """Worker processes of `node` running a task called `name`."""
@@ -152,7 +175,9 @@ class RayCluster:
 
     def kill_node(self, node: subprocess.Popen[bytes]) -> None:
         """The node is lost: its raylet and every worker on it die at once."""
-        os.killpg(node.pid, signal.SIGKILL)
+        for pid, _ in self._members(node):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         node.wait()
 
     def shutdown(self) -> None:
@@ -167,7 +192,7 @@ class RayCluster:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-        # Processes of this cluster only: its nodes' groups, and anything under its temp dir.
+        # Processes of this cluster only: its nodes' sessions, and anything under its temp dir.
         for p in psutil.process_iter(["cmdline", "pid"]):
             if p.info["pid"] in members or self.temp_dir in " ".join(p.info["cmdline"] or []):
                 with contextlib.suppress(psutil.Error):
