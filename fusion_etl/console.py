@@ -41,6 +41,18 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _FORWARDED = re.compile(r"^\s*\((?:[^()]*\bpid=\d+[^()]*|raylet[^()]*|autoscaler[^()]*)\)\s?(.*)$")
 
 
+def _last_state(text: str) -> str:
+    """A line redrawn with "\r" (a progress bar) as its last state, after the worker's prefix
+    if Ray forwarded it."""
+    if "\r" not in text:
+        return text
+    forwarded = _FORWARDED.match(_ANSI.sub("", text))
+    if forwarded is None:
+        return text.rsplit("\r", 1)[-1]
+    clean = _ANSI.sub("", text)
+    return clean[: forwarded.start(1)] + forwarded.group(1).rsplit("\r", 1)[-1]
+
+
 def log(msg: str) -> None:
     """One line for the user (and the log file), on stderr."""
     print(scrub(f"{PREFIX} {msg}"), file=sys.stderr, flush=True)
@@ -59,11 +71,18 @@ class _Router(io.TextIOBase):
     """A stand-in for sys.stdout or sys.stderr that sorts whole lines into console or file."""
 
     def __init__(
-        self, console: TextIO, file: IO[str], lock: threading.Lock, *, own_to_console: bool
+        self,
+        console: TextIO,
+        file: IO[str],
+        path: Path,
+        lock: threading.Lock,
+        *,
+        own_to_console: bool,
     ) -> None:
         super().__init__()
         self.console = console
         self.file: IO[str] | None = file
+        self.path = path
         self.lock = lock
         self.own_to_console = own_to_console
         self.verbose = False
@@ -84,15 +103,13 @@ class _Router(io.TextIOBase):
         return self.console.fileno()
 
     def write(self, text: str) -> int:
-        if self.file is None:  # detached: after routing ended, pass through
-            return self.console.write(text)
         with self.lock:
             if self.verbose:
                 self.console.write(text)
             self._buf += text
             *lines, self._buf = self._buf.split("\n")
             # A progress bar redraws with "\r" and may never end its line: keep its last state.
-            self._buf = self._buf.rsplit("\r", 1)[-1]
+            self._buf = _last_state(self._buf)
             for line in lines:
                 self._route(line)
         return len(text)
@@ -107,16 +124,16 @@ class _Router(io.TextIOBase):
     def to_file(self, line: str) -> None:
         if self.file is not None:
             self.file.write(line + "\n")
+            return
+        # After the routed block: something kept this stream (a progress bar that closes at
+        # exit, a logging handler). Its lines still belong in the log file.
+        with contextlib.suppress(OSError), open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
 
     def _route(self, raw: str) -> None:
-        line = _ANSI.sub("", raw)
+        line = _last_state(_ANSI.sub("", raw)).rstrip()
         forwarded = _FORWARDED.match(line)
-        if forwarded is not None:
-            # A redrawn bar ("\r"): its last state, still after the worker's prefix.
-            msg = forwarded.group(1).rsplit("\r", 1)[-1].strip()
-            line = line[: forwarded.start(1)] + msg
-        else:
-            line = line.rsplit("\r", 1)[-1].rstrip()
+        msg = forwarded.group(1).strip() if forwarded is not None else ""
         if not line.strip() and (forwarded is not None or not self.own_to_console):
             return  # blank noise; our own blank lines (around a table) stay
         line = scrub(line)
@@ -133,7 +150,8 @@ class _Router(io.TextIOBase):
             self.console.flush()
 
     def end(self) -> None:
-        """Route what is left and pass later writes straight through."""
+        """Route what is left; later writes are still routed (their noise appended to the
+        log file)."""
         with self.lock:
             if self._buf.strip():
                 self._route(self._buf)
@@ -170,8 +188,8 @@ def routed_output(log_path: Path, *, verbose: bool = False) -> Iterator[Path]:
     lock = threading.Lock()
     real_out, real_err = sys.stdout, sys.stderr
     with open(log_path, "a", encoding="utf-8", buffering=1) as fh:
-        out = _Router(real_out, fh, lock, own_to_console=True)
-        err = _Router(real_err, fh, lock, own_to_console=False)
+        out = _Router(real_out, fh, log_path, lock, own_to_console=True)
+        err = _Router(real_err, fh, log_path, lock, own_to_console=False)
         out.verbose = err.verbose = verbose
         command = scrub(str(redact(" ".join(sys.argv[1:]))))
         fh.write(f"--- fusion-etl {command} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
