@@ -159,7 +159,9 @@ class ExtractConfig:
     logprob_dtype: Literal["float16", "float32"] = "float16"
     """Stored log-prob precision (computation is always fp32)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Model weights/activations: auto = bf16 on GPUs that support it, fp32 on CPU."""
+    """Model weights/activations, the same for both backends: auto = float32 on CPU, bfloat16
+    on GPU (a GPU without bfloat16 is refused: set float16). The resolved dtype is in the
+    fingerprint and in each shard's metadata (`fusion_etl.dtype`)."""
     add_eos: bool = True
     add_bos: bool = False
     max_length: int = 0

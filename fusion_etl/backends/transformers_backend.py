@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fusion_etl.backends import Scored, concat_scored
+from fusion_etl.backends.dtypes import Device, check_dtype_supported, resolve_dtype
 
 __all__ = ["PLAIN_LM_HEAD", "TransformersScorer"]
 
@@ -39,15 +40,13 @@ class TransformersScorer:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = (
-                "bfloat16"
-                if self.device == "cuda" and torch.cuda.is_bf16_supported()
-                else "float32"
-            )
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.device: Device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolved = resolve_dtype(dtype, device=self.device)
+        check_dtype_supported(resolved, device=self.device, requested=dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, resolved))
         self.model = model.to(self.device).eval()
+        # What the weights really are once loaded (recorded in each shard's metadata).
+        self.dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self.top_k = top_k
         self.batch_tokens = batch_tokens
         # CPU: blocks that fit in cache (measured best at 128 rows); GPU: big blocks, few launches.

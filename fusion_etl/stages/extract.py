@@ -89,6 +89,25 @@ def resolve_backend(cfg: PipelineConfig, model: ModelConfig) -> str:
     return "vllm" if has_gpus else "transformers"
 
 
+def resolve_extract_dtype(cfg: PipelineConfig, backend: str) -> str:
+    """`extract.dtype` made explicit for the device the model's scorer will run on, the same
+    for both backends (`fusion_etl.backends.dtypes`): float32 on CPUs, bfloat16 on GPUs.
+
+    Decided on the driver, before any actor starts, so that it enters the fingerprint: the
+    device is a GPU exactly when the scorer's actor reserves one (or, inline, when this
+    process has one).
+    """
+    from fusion_etl.backends.dtypes import resolve_dtype
+
+    if cfg.ray.executor == "inline":
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = _actor_num_gpus(cfg, backend) > 0
+    return resolve_dtype(cfg.extract.dtype, device="cuda" if on_gpu else "cpu")
+
+
 @lru_cache(maxsize=2)
 def _special_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:
     from transformers import PreTrainedTokenizerFast
@@ -101,7 +120,7 @@ def _special_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:
 
 
 @lru_cache(maxsize=1)
-def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
+def _scorer(path: str, backend: str, ec: ExtractConfig, dtype: str) -> Scorer:
     """One scorer per actor process, kept across shards (the model loads once)."""
     try:
         if backend == "vllm":
@@ -111,7 +130,7 @@ def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
             return VllmScorer(
                 path,
                 top_k=ec.top_k,
-                dtype=ec.dtype,
+                dtype=dtype,
                 max_length=ec.max_length,
                 tensor_parallel_size=v.tensor_parallel_size,
                 gpu_memory_utilization=v.gpu_memory_utilization,
@@ -124,7 +143,7 @@ def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
         return TransformersScorer(
             path,
             top_k=ec.top_k,
-            dtype=ec.dtype,
+            dtype=dtype,
             batch_tokens=ec.batch_tokens,
             max_length=ec.max_length,
         )
@@ -188,11 +207,13 @@ class ExtractStage:
         plans = []
         for model in cfg.models:
             backend = resolve_backend(cfg, model)
+            dtype = resolve_extract_dtype(cfg, backend)
             identity = {
                 "stage": self.name,
                 "version": VERSION,
                 "model": model_identity(model),
                 "backend": backend,
+                "dtype": dtype,
                 "extract": fingerprint_fields(cfg.extract),
                 "prepare": upstream.fingerprint,
             }
@@ -200,7 +221,7 @@ class ExtractStage:
                 WorkItem(
                     shard=s.name,
                     inputs=(storage.join(upstream.url, s.name),),
-                    payload={"model": model.name, "backend": backend},
+                    payload={"model": model.name, "backend": backend, "dtype": dtype},
                 )
                 for s in upstream.shards
             )
@@ -222,13 +243,7 @@ class ExtractStage:
     def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
         ec = cfg.extract
         backend = str(plan.items[0].payload["backend"]) if plan.items else "transformers"
-        num_gpus = ec.num_gpus
-        if num_gpus < 0:
-            num_gpus = (
-                float(ec.vllm.tensor_parallel_size)
-                if backend == "vllm" and _cluster_has_gpus(cfg)
-                else 0.0
-            )
+        num_gpus = _actor_num_gpus(cfg, backend)
         options: dict[str, Any] = {"num_cpus": ec.num_cpus, "num_gpus": num_gpus}
         if ec.accelerator_type:
             options["accelerator_type"] = ec.accelerator_type
@@ -271,7 +286,13 @@ class ExtractStage:
         suffix = [eos] if ec.add_eos else []
         docs = [np.array(prefix + e.ids + suffix, dtype=np.int32) for e in encoded]
 
-        scorer = _scorer(path, backend, ec)
+        dtype = str(item.payload["dtype"])
+        scorer = _scorer(path, backend, ec, dtype)
+        if scorer.dtype != dtype:
+            raise RuntimeError(
+                f"model {model.name!r}: planned for {dtype} but the {backend} scorer runs in "
+                f"{scorer.dtype} (it landed on a different device than the plan assumed)"
+            )
         for doc_id, doc in zip(doc_ids, docs, strict=True):
             if len(doc) > scorer.max_length:
                 raise InputDataError(
@@ -312,12 +333,24 @@ class ExtractStage:
             "fusion_etl.logprob_dtype": ec.logprob_dtype,
             "fusion_etl.tokenizer_fingerprint": tokenizer_fingerprint(model.tokenizer_path),
             "fusion_etl.backend": backend,
+            "fusion_etl.dtype": dtype,
             "fusion_etl.add_eos": str(ec.add_eos).lower(),
             "fusion_etl.add_bos": str(ec.add_bos).lower(),
         }
         return ShardOutput(
             table=out, stats={"tokens": int(scored.lengths.sum())}, metadata=metadata
         )
+
+
+def _actor_num_gpus(cfg: PipelineConfig, backend: str) -> float:
+    """GPUs per extract actor: extract.num_gpus, or by default the tensor-parallel size for
+    vLLM on a cluster with GPUs and none otherwise."""
+    ec = cfg.extract
+    if ec.num_gpus >= 0:
+        return ec.num_gpus
+    if backend == "vllm" and _cluster_has_gpus(cfg):
+        return float(ec.vllm.tensor_parallel_size)
+    return 0.0
 
 
 def _cluster_has_gpus(cfg: PipelineConfig) -> bool:
