@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--stage", default="all", metavar="STAGE", help=f"one of: {stage_list}, all (default)"
     )
+    plan.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the job's cost instead: per stage documents, tokens per model, shards, work "
+        "units, stored bytes and GPU-/CPU-hours, each marked measured, sampled, given, assumed "
+        "or estimated (figures in the config's estimate: section); needs no weights and no GPU",
+    )
     _add_config_args(plan)
 
     status = sub.add_parser(
@@ -235,6 +242,21 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
             continue
         for plan in plans:
             _print_plan(name, plan.output, plan.fingerprint, [it.shard for it in plan.items])
+    return 0
+
+
+def _estimate(cfg: PipelineConfig, config_path: str, stage: str) -> int:
+    from fusion_etl.estimate import Estimate, estimate, render
+
+    names = _stage_names(stage)
+    result = estimate(cfg)
+    if stage != "all":
+        result = Estimate(
+            rows=tuple(r for r in result.rows if r.stage in names),
+            notes=result.notes,
+            assumptions=result.assumptions,
+        )
+    print(render(result, title=f"cost estimate: {config_path} (run_dir {cfg.run_dir})"))
     return 0
 
 
@@ -383,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards)
         if args.command == "plan":
+            if args.estimate:
+                return _estimate(cfg, args.config, args.stage)
             return _plan(cfg, args.stage)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ from fusion_etl.errors import ConfigError
 
 __all__ = [
     "AlignFuseConfig",
+    "EstimateConfig",
     "EvaluateConfig",
     "ExtractConfig",
     "KitConfig",
@@ -261,6 +262,52 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class EstimateConfig:
+    """Figures for `fusion-etl plan --estimate` (they change no stage's output).
+
+    Throughput comes from FLOPs: a forward pass costs 2 x parameters FLOPs per token and a
+    training step 6 x parameters, at `mfu` of the device's peak and slowed by the measured
+    overhead of this pipeline over the bare operation (the benchmarks). A figure measured in a
+    finished stage (its shard seconds, tokens, bytes) always replaces the modelled one.
+    """
+
+    sample_bytes: int = 8 * 2**20
+    """Text read from the corpus (or prepared shards) to estimate documents and tokens."""
+    corpus_documents: int = 0
+    """Documents in prepare.input, for a corpus that cannot be read from here (0: read it)."""
+    corpus_bytes: int = 0
+    """UTF-8 bytes of text in prepare.input, with corpus_documents."""
+    corpus_files: int = 0
+    """Files in prepare.input, with corpus_documents (0: unknown)."""
+    bytes_per_token: float = 4.0
+    """Text bytes per token for a model whose tokenizer cannot be loaded here (assumed)."""
+    parameters: dict[str, float] = field(default_factory=dict, hash=False)
+    """Parameters per model name, for a model whose config.json cannot be read here."""
+    gpu_flops: float = 312e12
+    """Peak dense bf16 FLOP/s of one GPU (A100: 312e12, H100 SXM: 989e12, A10G: 70e12)."""
+    extract_gpu_flops: float = 0.0
+    """The extract GPUs' peak if they differ (0: gpu_flops)."""
+    cpu_flops: float = 1.4e11
+    """FLOP/s that one CPU worker really gets on a forward pass (measured here: an 8.3M Llama
+    at 8,447 tok/s on 2 cores), used where a stage runs without GPUs."""
+    extract_mfu: float = 0.35
+    """Share of peak FLOP/s that prefill-only scoring reaches on a GPU (assumed)."""
+    extract_overhead: float = 1.15
+    """Extraction time over a bare forward pass (`fusion-etl bench extract`: at most 1.15)."""
+    tokens_per_s: dict[str, float] = field(default_factory=dict, hash=False)
+    """Measured extraction tokens/s of one actor, per model name (replaces the FLOP model)."""
+    train_mfu: float = 0.40
+    """Share of peak FLOP/s that training reaches (assumed)."""
+    train_overhead: float = 1.10
+    """Fusion step time over a CLM-only step (`fusion-etl bench train`: 1.08, goal 1.10)."""
+    align_fuse_tokens_per_cpu_s: float = 15_000.0
+    """Target tokens that align_fuse handles per CPU-second per source (measured on a demo
+    shard in a warm worker: 24,844 target tokens, 3 sources, 0.53 s)."""
+    align_fuse_bytes_per_token: float = 0.0
+    """Stored bytes per fused target token (0: from the fused top-k and the demo's ratio)."""
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole fusion run."""
 
@@ -276,6 +323,7 @@ class PipelineConfig:
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
+    estimate: EstimateConfig = EstimateConfig()
 
     @property
     def models(self) -> tuple[ModelConfig, ...]:
@@ -445,6 +493,25 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.run_name):
             fail("run_name", f"{obj.run_name!r} must use letters, digits, '_', '-' or '.'")
+    if isinstance(obj, EstimateConfig):
+        for name in (
+            "sample_bytes",
+            "bytes_per_token",
+            "gpu_flops",
+            "cpu_flops",
+            "extract_mfu",
+            "extract_overhead",
+            "train_mfu",
+            "train_overhead",
+            "align_fuse_tokens_per_cpu_s",
+        ):
+            if getattr(obj, name) <= 0:
+                fail(name, f"must be positive, got {getattr(obj, name)}")
+        for name in ("extract_mfu", "train_mfu"):
+            if getattr(obj, name) > 1:
+                fail(name, f"is a fraction of peak FLOP/s, at most 1; got {getattr(obj, name)}")
+        if (obj.corpus_documents > 0) != (obj.corpus_bytes > 0):
+            fail("corpus_documents", "set both corpus_documents and corpus_bytes, or neither")
     if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
         fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
     if isinstance(obj, PipelineConfig):
