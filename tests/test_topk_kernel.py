@@ -29,6 +29,11 @@ def test_row_topk_writes_into_given_outputs_and_checks_arguments() -> None:
     ids = np.zeros((1, 2), np.int32)
     row_topk(x, 2, values=values, ids=ids)
     assert ids.tolist() == [[2, 3]] and values.tolist() == [[2.0, 2.0]]
+    picked = np.zeros(1, np.float32)
+    row_topk(x, 1, targets=np.array([1]), picked=picked)
+    assert picked.tolist() == [-1.0]
+    with pytest.raises(ValueError, match=r"targets must be columns in \[0, 4\)"):
+        row_topk(x, 1, targets=np.array([4]), picked=picked)
     with pytest.raises(ValueError, match=r"k must be in \[1, 4\]"):
         row_topk(x, 5)
     with pytest.raises(ValueError, match="outputs must have shape"):

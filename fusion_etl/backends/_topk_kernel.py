@@ -32,14 +32,20 @@ def _compiled(signature: str) -> Callable[[F], F]:
     return cast(Callable[[F], F], njit(signature, cache=True, nogil=True, boundscheck=False))
 
 
-@_compiled("void(float32[:, ::1], float32[:, ::1], int32[:, ::1])")
+@_compiled("void(float32[:, ::1], float32[:, ::1], int32[:, ::1], int64[::1], float32[::1])")
 def _row_topk(
-    x: npt.NDArray[np.float32], values: npt.NDArray[np.float32], ids: npt.NDArray[np.int32]
+    x: npt.NDArray[np.float32],
+    values: npt.NDArray[np.float32],
+    ids: npt.NDArray[np.int32],
+    targets: npt.NDArray[np.int64],
+    picked: npt.NDArray[np.float32],
 ) -> None:
     rows, width = x.shape
     k = values.shape[1]
     for i in range(rows):
         row = x[i]
+        if targets.shape[0]:
+            picked[i] = row[targets[i]]
         top = values[i]
         top_ids = ids[i]
         # The first k, insertion-sorted; strict comparisons keep equal values in index order.
@@ -72,20 +78,26 @@ def row_topk(
     *,
     values: npt.NDArray[np.float32] | None = None,
     ids: npt.NDArray[np.int32] | None = None,
+    targets: npt.NDArray[np.int64] | None = None,
+    picked: npt.NDArray[np.float32] | None = None,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """The k largest values of each row of `x` and their column indices, in descending order.
+    """The k largest values of each row of `x` and their column indices, in descending order;
+    with `targets`, also ``x[i, targets[i]]`` into `picked` (in the same pass over the rows).
 
     Args:
         x: ``(rows, width)`` float32, C-contiguous.
         k: Entries per row, ``1 <= k <= width``.
         values: Optional ``(rows, k)`` float32 C-contiguous array to write the values into.
         ids: Optional ``(rows, k)`` int32 C-contiguous array to write the indices into.
+        targets: Optional ``(rows,)`` column per row, each in ``[0, width)``.
+        picked: ``(rows,)`` float32 array for the targets' values (required with `targets`).
 
     Returns:
         ``(values, ids)``.
 
     Raises:
-        ValueError: k outside ``[1, width]``, or outputs of the wrong shape.
+        ValueError: k outside ``[1, width]``, outputs of the wrong shape, or targets outside
+            the row (the compiled loop does not check bounds).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, width = x.shape
@@ -95,5 +107,14 @@ def row_topk(
     ids = np.empty((rows, k), np.int32) if ids is None else ids
     if values.shape != (rows, k) or ids.shape != (rows, k):
         raise ValueError(f"outputs must have shape {(rows, k)}")
-    _row_topk(x, values, ids)
+    if targets is None:
+        targets, picked = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    else:
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        if picked is None or targets.shape != (rows,) or picked.shape != (rows,):
+            raise ValueError(f"targets and picked must both have shape {(rows,)}")
+        if rows and (targets.min() < 0 or targets.max() >= width):
+            raise ValueError(f"targets must be columns in [0, {width})")
+    assert picked is not None
+    _row_topk(x, values, ids, targets, picked)
     return values, ids

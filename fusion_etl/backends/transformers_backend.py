@@ -118,28 +118,32 @@ class TransformersScorer:
             # the whole chunk), one top-k and one gather. On a CPU the top-k is a compiled
             # single scan per row writing straight into the outputs (torch.topk cost about as
             # much as the LM head itself on a small model); on a GPU torch.topk is cheap.
+            targets = nxt[rows].clamp(min=0)  # where there is no next token: any column
             cpu_topk = self.topk_kernel and self.device == "cpu"
             if cpu_topk:
                 from fusion_etl.backends._topk_kernel import row_topk
 
                 top_lp_np, top_ids_np = top_lp.numpy(), top_ids.numpy()
+                tok_lp_np, targets_np = tok_lp.numpy(), targets.numpy()
             for start in range(0, len(rows), self.chunk_rows):
                 idx = rows[start : start + self.chunk_rows]
                 end = start + len(idx)
                 logprobs = torch.log_softmax(head(flat.index_select(0, idx)).float(), dim=-1)
                 if cpu_topk:
+                    # Top-k and the next token's log-prob in one compiled pass.
                     row_topk(
                         logprobs.numpy(),
                         self.top_k,
                         values=top_lp_np[start:end],
                         ids=top_ids_np[start:end],
+                        targets=targets_np[start:end],
+                        picked=tok_lp_np[start:end],
                     )
-                else:
-                    values, indices = logprobs.topk(self.top_k, dim=-1, sorted=True)
-                    top_lp[start:end] = values
-                    top_ids[start:end] = indices.to(torch.int32)
-                target = nxt[idx].clamp(min=0).unsqueeze(1)
-                tok_lp[start:end] = logprobs.gather(1, target).squeeze(1)
+                    continue
+                values, indices = logprobs.topk(self.top_k, dim=-1, sorted=True)
+                top_lp[start:end] = values
+                top_ids[start:end] = indices.to(torch.int32)
+                tok_lp[start:end] = logprobs.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
             has_next = nxt[rows] >= 0
         return Scored(
             lengths=np.array([len(d) for d in docs], dtype=np.int64),

@@ -103,10 +103,12 @@ def _to_table(docs: list[npt.NDArray[np.int32]], scored: Any, k: int) -> Any:
 
 
 def transformers_worker(
-    model_dir: str, docs: list[npt.NDArray[np.int32]], k: int, repeats: int
+    model_dir: str, docs: list[npt.NDArray[np.int32]], k: int, repeats: int, threads: int
 ) -> dict[str, Any]:
-    """The transformers figures, in this (fresh) process."""
+    """The transformers figures, in this (fresh) process, with `threads` torch threads."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from fusion_etl.backends.transformers_backend import TransformersScorer
     from fusion_etl.schema import parquet_bytes
@@ -250,7 +252,7 @@ def bench_extract(args: argparse.Namespace) -> int:
         docs_file = Path(tmp) / "docs.npz"
         np.savez(docs_file, ids=np.concatenate(docs), lengths=np.array([len(d) for d in docs]))
         common = (str(args.k), str(args.repeats))
-        tf = _run_worker("transformers", model.path, docs_file, *common)
+        tf = _run_worker("transformers", model.path, docs_file, *common, str(args.threads))
         vl = [
             _run_worker("vllm", model.path, docs_file, *common, str(n))
             for n in ([] if args.no_vllm else args.vllm_batched_tokens)
@@ -329,6 +331,14 @@ def add_parser(sub: Any) -> None:
         default=5,
         help="timed repeats per variant after one warm-up, interleaved (default 5)",
     )
+    ex.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the transformers backend (default 1: what an extract actor gets, "
+        "since Ray sets OMP_NUM_THREADS to an actor's whole CPUs, at least 1, and "
+        "extract.num_cpus is 0.5)",
+    )
     ex.add_argument("--no-vllm", action="store_true", help="skip the vLLM backend")
     ex.add_argument(
         "--vllm-batched-tokens",
@@ -345,7 +355,7 @@ def _worker_main(argv: list[str]) -> None:
     data = np.load(docs_file, allow_pickle=False)
     docs = list(np.split(data["ids"], np.cumsum(data["lengths"])[:-1]))
     if backend == "transformers":
-        result = transformers_worker(model_dir, docs, int(k), int(repeats))
+        result = transformers_worker(model_dir, docs, int(k), int(repeats), int(rest[0]))
     else:
         result = vllm_worker(model_dir, docs, int(k), int(repeats), int(rest[0]))
     print("RESULT " + json.dumps(result), flush=True)
