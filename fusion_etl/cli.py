@@ -39,6 +39,8 @@ def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0
         ],
         # Pieces of at most block_size - margin tokens (+ EOS) must fit the kit's context.
         "prepare": {"input": f"{kit}/corpus", "block_size": 512 if size == "demo" else 256},
+        # Small row groups: the units the training workers shuffle and share out.
+        "align_fuse": {"row_group_docs": 16},
         # Tiny models learn at far larger rates than the paper's 1e-5 for 7B models.
         "train": {
             "block_size": 256,
@@ -139,6 +141,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
+    memory = sub.add_parser(
+        "memory",
+        help="the training memory plan per worker; exit 2 if it does not fit",
+        description="Print, per training worker, the memory of parameters, gradients, optimizer state, "
+        "activations (with and without activation checkpointing), logits and the fused-target tensors "
+        "for train.micro_batch x train.block_size tokens, and the total against train.gpu_memory_gib "
+        "(default: the memory of train.accelerator_type, else 80 GiB). Needs only the target's "
+        "config.json: no storage, no sources, no weights. Exit 0 if the plan fits, 2 (naming the "
+        "fixes) if not; `run train`, `run all` and `submit` refuse such a plan before starting.",
+    )
+    _add_config_args(memory)
+
     jid = sub.add_parser(
         "job-id",
         help="print the deterministic Ray submission id of a stage and config",
@@ -200,6 +214,10 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
     names = _stage_names(stage)
     if shards is not None and stage == "all":
         raise UserError("--shards needs a single stage, not 'all'")
+    if "train" in names:
+        from fusion_etl.stages.train import check_memory
+
+        check_memory(cfg)  # before any work: a plan that cannot fit is refused up front
     started = time.monotonic()
     for name in names:
         whole = lookup(name)
@@ -225,6 +243,10 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
     for name in _stage_names(stage):
         whole = lookup(name)
         try:
+            if isinstance(whole, TrainStage):
+                from fusion_etl.stages.train import train_memory_plan
+
+                print(train_memory_plan(cfg).render())
             if isinstance(whole, TrainStage | EvaluateStage):
                 out, fp, _ = whole.describe(cfg)
                 _print_plan(name, out, fp, None)
@@ -357,6 +379,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             storage.configure(cfg.storage)
             return _status(cfg.run_dir)
         cfg = load_config(args.config, args.overrides)
+        if args.command == "memory":
+            from fusion_etl.stages.train import check_memory, train_memory_plan
+
+            print(train_memory_plan(cfg).render())
+            check_memory(cfg, breakdown=False)
+            return 0
         if args.command in ("job-id", "submit"):
             from fusion_etl.jobs import job_id, submit
 
@@ -364,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "job-id":
                 print(job_id(args.stage, cfg, overwrite=args.overwrite))
                 return 0
+            if args.stage in ("train", "all"):
+                from fusion_etl.stages.train import check_memory
+
+                check_memory(cfg)
             runtime_env = args.runtime_env
             if runtime_env is None and os.path.exists(
                 os.path.join(args.working_dir, "jobs", "runtime_env.yaml")

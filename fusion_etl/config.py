@@ -211,7 +211,7 @@ class TrainConfig:
     """lambda in  lambda * CLM + (1 - lambda) * fusion; 1.0 is plain continual training."""
     block_size: int = 2048
     keep_remainder: bool = True
-    """Train the last, partial block (padded and masked) as the reference does, or drop it."""
+    """Train each worker's last, partial block (padded and masked) as the reference does, or drop it."""
     micro_batch: int = 1
     """Blocks per worker per forward pass."""
     grad_accum: int = 1
@@ -226,22 +226,51 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    """auto: bf16 on GPUs that support it, fp32 elsewhere. fsdp: bf16 parameters and compute with
+    fp32 gradient reduction and fp32 master weights; ddp: bf16 autocast."""
     seed: int = 0
+    """Seeds the data order (with `shuffle`) and everything random in training."""
+    shuffle: bool = True
+    """Deterministic shuffle of the fused data for `seed`: row groups over the whole dataset,
+    documents within windows of `shuffle_window` row groups; off: manifest order."""
+    shuffle_window: int = 4
+    """Row groups whose documents are shuffled together on a worker (held in memory at once)."""
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
+    """fsdp (PyTorch FSDP2, `fully_shard` on every decoder layer and the root: parameters,
+    gradients and optimizer state sharded over the workers) or ddp (every worker holds
+    everything); auto: fsdp with more than one worker."""
+    activation_checkpointing: bool = field(default=False, metadata=_RUNTIME)
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more
+    compute; the same results)."""
+    cpu_offload: bool = field(default=False, metadata=_RUNTIME)
+    """fsdp on GPUs: keep parameters, gradients and optimizer state in host memory."""
+    gpu_memory_gib: float = field(default=0.0, metadata=_RUNTIME)
+    """Memory of one training accelerator for the memory plan; 0: from accelerator_type, else 80."""
+    accelerator_type: str | None = field(default=None, metadata=_RUNTIME)
+    """Ray accelerator type of the training GPUs (e.g. `A100-80G`, `H100`): workers are pinned to
+    it and the memory plan takes its memory."""
     checkpoint_every: int = field(default=50, metadata=_RUNTIME)
     """Steps between checkpoints (and always after the last step)."""
+    log_every: int = field(default=10, metadata=_RUNTIME)
+    """Steps between progress lines (loss, tokens/s)."""
     storage_path: str = ""
     """Where Ray Train keeps checkpoints (any fsspec URL); default: <run_dir>/train/ray."""
     run_name: str = "fusion"
     output: str = ""
     """Where the final model goes (save_pretrained + tokenizer); default: <run_dir>/train/model."""
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the exported weights; auto: the target checkpoint's own."""
+    export_shard_gib: float = field(default=5.0, metadata=_RUNTIME)
+    """Largest safetensors file of the export (and the most rank 0 gathers at once)."""
     num_workers: int = field(default=1, metadata=_RUNTIME)
     use_gpu: bool = field(default=False, metadata=_RUNTIME)
     cpus_per_worker: float = field(default=0.5, metadata=_RUNTIME)
-    """Below 1 on small machines: Ray Data's read tasks need CPUs beside the workers."""
+    """Below 1 on small machines, so that the driver's own work keeps a CPU."""
     gpus_per_worker: float = field(default=1.0, metadata=_RUNTIME)
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
     """Custom Ray resources per training worker, e.g. {train_gpu: 1}."""
+    env_vars: dict[str, str] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Environment of the training worker processes (e.g. NCCL_* settings)."""
 
 
 @dataclass(frozen=True)
@@ -432,6 +461,8 @@ def _validate(obj: Any, prefix: str) -> None:
             "epochs",
             "num_workers",
             "checkpoint_every",
+            "log_every",
+            "shuffle_window",
         ):
             if getattr(obj, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(obj, name)}")
@@ -443,6 +474,15 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.run_name):
             fail("run_name", f"{obj.run_name!r} must use letters, digits, '_', '-' or '.'")
+        if obj.gpu_memory_gib < 0:
+            fail(
+                "gpu_memory_gib",
+                f"must be 0 (from accelerator_type) or positive, got {obj.gpu_memory_gib}",
+            )
+        if obj.export_shard_gib <= 0:
+            fail("export_shard_gib", f"must be positive, got {obj.export_shard_gib}")
+        if obj.cpu_offload and obj.strategy == "ddp":
+            fail("cpu_offload", "needs train.strategy fsdp (or auto with more than one worker)")
     if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
         fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
     if isinstance(obj, PipelineConfig):

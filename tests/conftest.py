@@ -77,6 +77,7 @@ def kit_config(kit: Any, run_dir: Path | str, *overrides: str) -> Any:
         "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources],
         "prepare": {"input": str(kit.corpus_dir), "block_size": 256},
         "extract": {"backend": "transformers", "dtype": "float32", "top_k": 5},
+        "align_fuse": {"row_group_docs": 16},
         "train": {
             "block_size": 64,
             "micro_batch": 4,
