@@ -99,7 +99,9 @@ def model_shape(config: Mapping[str, Any]) -> ModelShape:
         positions = int(_get(config, "n_positions", "max_position_embeddings"))
         layer = (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
         root = vocab * h + positions * h + 2 * h  # GPT-2 always ties its output head
-        return ModelShape("gpt2", h, i, n, a, a, h // a, vocab, True, root + n * layer, layer, False)
+        return ModelShape(
+            "gpt2", h, i, n, a, a, h // a, vocab, True, root + n * layer, layer, False
+        )
     if model_type == "mpt":
         h = int(_get(config, "d_model"))
         a = int(_get(config, "n_heads"))
