@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fusion_etl.train.data import (
     Block,
     Doc,
+    EpochPlan,
     Unit,
     count_blocks,
     plan_epochs,
@@ -24,9 +25,10 @@ def _dataset(
 ) -> tuple[list[Unit], dict[tuple[int, int], list[Doc]]]:
     """Units of random documents whose token ids say where they come from."""
     rng = np.random.default_rng(seed)
-    units, docs = [], {}
+    units: list[Unit] = []
+    docs: dict[tuple[int, int], list[Doc]] = {}
     for u in range(n_units):
-        rows = []
+        rows: list[Doc] = []
         for d in range(int(rng.integers(1, 6))):
             n = int(rng.integers(1, 40))
             ids = np.full(n, u * 1000 + d, dtype=np.int32)
@@ -40,7 +42,7 @@ def _dataset(
 
 def _plans(
     units: list[Unit], *, world: int, seed: int, shuffle: bool = True, epochs: int = 2
-) -> list:
+) -> list[EpochPlan]:
     return plan_epochs(
         units,
         world=world,
@@ -53,7 +55,17 @@ def _plans(
     )
 
 
-def _blocks(plan, rank, units, docs, *, seed, shuffle=True, window=2, start=0) -> list[Block]:
+def _blocks(
+    plan: EpochPlan,
+    rank: int,
+    units: list[Unit],
+    docs: dict[tuple[int, int], list[Doc]],
+    *,
+    seed: int,
+    shuffle: bool = True,
+    window: int = 2,
+    start: int = 0,
+) -> list[Block]:
     return list(
         worker_blocks(
             plan,

@@ -23,17 +23,19 @@ pytestmark = pytest.mark.slow
 
 # A target wide enough that training state, not the libraries, fills the memory: about 3.5M
 # parameters, 4096 tokens per micro batch (hundreds of MiB per worker).
-WIDE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4}
+HIDDEN, INTERMEDIATE, LAYERS = 256, 688, 4
 
 
 def _wide_target(kit: Any, dest: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(kit.target.path)
     base = json.loads((kit.target.path / "config.json").read_text())
     torch.manual_seed(0)
     config = LlamaConfig(
-        **WIDE,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=base["vocab_size"],
@@ -42,7 +44,8 @@ def _wide_target(kit: Any, dest: Path) -> Path:
         eos_token_id=base.get("eos_token_id"),
         tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(dest)
+    model: Any = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
 
@@ -74,8 +77,8 @@ def wide_runs(
     target = _wide_target(test_kit, root / "wide_target")
     base = root / "base"
     cfg = _cfg(test_kit, base, target)
-    for stage in (PrepareStage(), ExtractStage(), AlignFuseStage()):
-        assert run_stage(stage, cfg).complete
+    for sharded in (PrepareStage(), ExtractStage(), AlignFuseStage()):
+        assert run_stage(sharded, cfg).complete
     out: dict[str, Any] = {"target": target}
     for strategy in ("ddp", "fsdp"):
         run_dir = root / strategy
