@@ -27,7 +27,7 @@ HIDDEN, INTERMEDIATE, LAYERS = 256, 688, 4
 
 
 def _wide_target(kit: Any, dest: Path) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(kit.target.path)
     base = json.loads((kit.target.path / "config.json").read_text())
@@ -44,7 +44,8 @@ def _wide_target(kit: Any, dest: Path) -> Path:
         eos_token_id=base.get("eos_token_id"),
         tie_word_embeddings=False,
     )
-    model: Any = AutoModelForCausalLM.from_config(config)
+    model_class: Any = LlamaForCausalLM
+    model = model_class(config)
     model.save_pretrained(dest)
     tok.save_pretrained(dest)
     return dest
