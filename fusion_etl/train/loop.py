@@ -28,6 +28,7 @@ import numpy as np
 from fusion_etl.config import PipelineConfig
 from fusion_etl.train.data import Block, EpochPlan, Unit, plan_epochs, worker_blocks
 from fusion_etl.train.loss import fusion_loss
+from fusion_etl.train.memstat import local_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 __all__ = ["epoch_plans", "lr_factor", "train_loop"]
 
@@ -69,30 +70,6 @@ def _stack(blocks: list[Block], device: Any) -> dict[str, Any]:
         "fused_ids": torch.from_numpy(np.stack([b.fused_ids for b in blocks])).to(device),
         "fused_probs": torch.from_numpy(np.stack([b.fused_probs for b in blocks])).to(device),
     }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux `clear_refs` 5), so that peak memory is measured
-    from here on; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class _Progress:
@@ -187,14 +164,14 @@ def train_loop(config: dict[str, Any]) -> None:
     # Peak memory is measured from here: the libraries' code is loaded and the parameters this
     # worker holds are known, so what the measurement adds up is the training state the memory
     # plan counts (parameters, gradients, optimizer state, activations, logits, buffers).
-    held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in params)
+    held = local_bytes(params)
     on_gpu = device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
         measured, baseline = True, 0
     else:
-        measured = _reset_peak_rss()
-        baseline = _rss_bytes() - held
+        measured = reset_peak_rss()
+        baseline = rss_bytes() - held
     optimizer = torch.optim.AdamW(
         [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
@@ -287,7 +264,7 @@ def train_loop(config: dict[str, Any]) -> None:
                             peak_memory=(
                                 int(torch.cuda.max_memory_allocated(device))
                                 if on_gpu
-                                else _peak_rss_bytes() - baseline
+                                else peak_rss_bytes() - baseline
                             )
                             if measured
                             else -1,
