@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from fusion_etl import manifest, storage
 from fusion_etl.config import PipelineConfig, load_config, parse_config
@@ -65,9 +65,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fusion_etl.stages import STAGES
+    from fusion_etl.stages import EXTRA_STAGES, STAGES
 
-    stage_list = ", ".join(STAGES)
+    stage_list = ", ".join([*STAGES, *EXTRA_STAGES])
     parser = argparse.ArgumentParser(
         prog="fusion-etl",
         description="Knowledge fusion of LLMs (FuseLLM) as a resumable Ray pipeline over object storage.",
@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run one stage or all of them",
-        description=f"Run a stage ({stage_list}) or 'all' of them in order. Committed shards are skipped.",
+        description=f"Run a stage ({stage_list}) or 'all' of the pipeline's in order ({', '.join(STAGES)}; "
+        "merge runs only when named). Committed shards are skipped.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -207,9 +208,7 @@ def _stage_names(stage: str) -> list[str]:
 
 def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None) -> int:
     from fusion_etl.runner import run_stage
-    from fusion_etl.stages import get_stage, lookup
-    from fusion_etl.stages.evaluate import EvaluateStage
-    from fusion_etl.stages.train import TrainStage
+    from fusion_etl.stages import WholeStage, get_stage, is_whole, lookup
 
     names = _stage_names(stage)
     if shards is not None and stage == "all":
@@ -221,10 +220,10 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
     started = time.monotonic()
     for name in names:
         whole = lookup(name)
-        if isinstance(whole, TrainStage | EvaluateStage):
+        if is_whole(whole):
             if shards is not None:
                 raise UserError(f"--shards does not apply to {name!r}, which is not sharded")
-            result = whole.run(cfg, overwrite=overwrite)
+            result = cast(WholeStage, whole).run(cfg, overwrite=overwrite)
         else:
             st = get_stage(name)
             result = run_stage(st, cfg, overwrite=overwrite, shards=shards)
@@ -235,8 +234,7 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
 
 
 def _plan(cfg: PipelineConfig, stage: str) -> int:
-    from fusion_etl.stages import get_stage, lookup
-    from fusion_etl.stages.evaluate import EvaluateStage
+    from fusion_etl.stages import WholeStage, get_stage, is_whole, lookup
     from fusion_etl.stages.train import TrainStage
 
     storage.configure(cfg.storage)
@@ -247,8 +245,8 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
                 from fusion_etl.stages.train import train_memory_plan
 
                 print(train_memory_plan(cfg).render())
-            if isinstance(whole, TrainStage | EvaluateStage):
-                out, fp, _ = whole.describe(cfg)
+            if is_whole(whole):
+                out, fp, _ = cast(WholeStage, whole).describe(cfg)
                 _print_plan(name, out, fp, None)
                 continue
             plans = get_stage(name).plan(cfg)

@@ -28,9 +28,11 @@ from fusion_etl.errors import ConfigError
 
 __all__ = [
     "AlignFuseConfig",
+    "EnsembleConfig",
     "EvaluateConfig",
     "ExtractConfig",
     "KitConfig",
+    "MergeConfig",
     "ModelConfig",
     "PipelineConfig",
     "PrepareConfig",
@@ -209,6 +211,9 @@ class TrainConfig:
 
     lam: float = 0.9
     """lambda in  lambda * CLM + (1 - lambda) * fusion; 1.0 is plain continual training."""
+    topk_mass: Literal["renormalize", "rest"] = "renormalize"
+    """The teacher's mass outside its top-k: rescale the k probabilities to 1 (the reference),
+    or keep it as one more category the student must match (`fusion_etl.train.loss`)."""
     block_size: int = 2048
     keep_remainder: bool = True
     """Train each worker's last, partial block (padded and masked) as the reference does, or drop it."""
@@ -283,8 +288,53 @@ class EvaluateConfig:
     domain_field: str = "domain"
     models: tuple[ModelConfig, ...] = ()
     """Models to score; default: the target before training, the trained target, the sources."""
+    ensembles: tuple[EnsembleConfig, ...] = ()
+    """Ensembles scored after the models (each a row of the results)."""
     max_length: int = 0
     """Window in tokens for long texts; 0: the model's max_position_embeddings."""
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """`merge`: weight merging of same-architecture models into one `save_pretrained` model
+    (run on its own: `fusion-etl run merge`; `all` does not include it)."""
+
+    method: Literal["linear", "task_arithmetic", "ties", "sce"] = "linear"
+    """See `fusion_etl.merging`: averaging, task arithmetic, TIES, or FuseChat's SCE."""
+    models: tuple[ModelConfig, ...] = ()
+    base: ModelConfig | None = None
+    """The model the task vectors are taken against (task_arithmetic, ties, sce)."""
+    weights: tuple[float, ...] = ()
+    """One per model; empty: from `weighting`."""
+    weighting: Literal["uniform", "performance"] = "uniform"
+    """performance: softmax(-bits per byte / temperature) of each model on `validation`."""
+    validation: str = ""
+    """jsonl files (field `text`) for performance weights; never the evaluation's held-out text."""
+    temperature: float = 0.1
+    scale: float = 1.0
+    """Multiplies the merged task vector."""
+    density: float = 0.2
+    """ties: fraction of each task vector kept."""
+    select: float = 0.1
+    """sce: fraction of elements selected by their variance across the models."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the merged weights; auto: the first model's."""
+    output: str = ""
+    """Where the merged model goes; default: <run_dir>/merge/model."""
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Several models with one tokenizer scored as one: next-token probabilities averaged."""
+
+    name: str
+    models: tuple[ModelConfig, ...]
+    weights: tuple[float, ...] = ()
+    """One per model; empty: from `weighting`."""
+    weighting: Literal["uniform", "performance"] = "uniform"
+    validation: str = ""
+    """jsonl files (field `text`) for performance weights; never the held-out text."""
+    temperature: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -300,6 +350,7 @@ class PipelineConfig:
     align_fuse: AlignFuseConfig = AlignFuseConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    merge: MergeConfig = MergeConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
@@ -483,6 +534,27 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("export_shard_gib", f"must be positive, got {obj.export_shard_gib}")
         if obj.cpu_offload and obj.strategy == "ddp":
             fail("cpu_offload", "needs train.strategy fsdp (or auto with more than one worker)")
+    if isinstance(obj, MergeConfig | EnsembleConfig):
+        if obj.weights and len(obj.weights) != len(obj.models):
+            fail("weights", f"{len(obj.weights)} weights for {len(obj.models)} models")
+        if any(w < 0 for w in obj.weights) or (obj.weights and sum(obj.weights) <= 0):
+            fail("weights", "must be non-negative and not all zero")
+        if obj.temperature <= 0:
+            fail("temperature", f"must be positive, got {obj.temperature}")
+        if obj.weighting == "performance" and not obj.weights and not obj.validation:
+            fail("validation", "performance weighting needs validation text (jsonl with `text`)")
+    if isinstance(obj, MergeConfig):
+        if obj.method != "linear" and obj.models and obj.base is None:
+            fail("base", f"method {obj.method!r} takes task vectors against a base model: set it")
+        if not 0 < obj.density <= 1:
+            fail("density", f"must be in (0, 1], got {obj.density}")
+        if not 0 < obj.select <= 1:
+            fail("select", f"must be in (0, 1], got {obj.select}")
+    if isinstance(obj, EnsembleConfig):
+        if len(obj.models) < 2:
+            fail("models", "an ensemble needs at least two models")
+        if not re.fullmatch(r"[A-Za-z0-9_.:+ ()-]+", obj.name):
+            fail("name", f"{obj.name!r}: letters, digits, spaces and _.:+-() only")
     if isinstance(obj, ModelConfig) and not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.name):
         fail("name", f"{obj.name!r} must use letters, digits, '_', '-' or '.' (it names a folder)")
     if isinstance(obj, PipelineConfig):

@@ -22,7 +22,9 @@ from fusion_etl.bench.common import bench_kit, kit_args
 __all__ = ["add_parser", "bench_train"]
 
 
-def _train_worker(model_dir: str, lam: float, block: int, batch: int, k: int, steps: int) -> None:
+def _train_worker(
+    model_dir: str, lam: float, block: int, batch: int, k: int, steps: int, topk_mass: str
+) -> None:
     """One variant in its own process: median step time and peak memory over the baseline."""
     import resource
 
@@ -47,7 +49,9 @@ def _train_worker(model_dir: str, lam: float, block: int, batch: int, k: int, st
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits
-        fusion_loss(logits, labels, fused_ids, fused_probs, lam).total.backward()
+        fusion_loss(
+            logits, labels, fused_ids, fused_probs, lam, topk_mass=topk_mass
+        ).total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
@@ -84,9 +88,14 @@ def bench_train(args: argparse.Namespace) -> int:
     kit = bench_kit(args)
     model_dir = str(kit.target.path)
     vocab = int(json.loads((kit.target.path / "config.json").read_text())["vocab_size"])
-    runs: dict[str, list[dict[str, Any]]] = {"clm": [], "fusion": []}
+    variants = {
+        "clm": ("CLM only (lambda 1)", 1.0, "renormalize"),
+        "fusion": ("fusion (lambda 0.9)", 0.9, "renormalize"),
+        "rest": ("fusion, rest bucket", 0.9, "rest"),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in variants}
     for _ in range(args.rounds):
-        for name, lam in (("clm", 1.0), ("fusion", 0.9)):
+        for name, (_, lam, mass) in variants.items():
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -99,6 +108,7 @@ def bench_train(args: argparse.Namespace) -> int:
                     str(args.batch),
                     str(args.k),
                     str(args.steps),
+                    mass,
                 ],
                 capture_output=True,
                 text=True,
@@ -117,14 +127,14 @@ def bench_train(args: argparse.Namespace) -> int:
         f"train benchmark on {device}: {kit.target.architecture} target, batch {args.batch} x {args.block} tokens, "
         f"vocab {vocab}, k={args.k}, {args.steps} steps x {args.rounds} rounds per variant (medians)\n"
     )
-    print(f"{'variant':<22}{'step ms':>10}{'peak extra MiB':>16}")
-    for n, label in (("clm", "CLM only (lambda 1)"), ("fusion", "fusion (lambda 0.9)")):
+    print(f"{'variant':<22}{'step ms':>10}{'peak extra MiB':>16}{'vs CLM only':>22}")
+    for n, (label, _, _) in variants.items():
+        t_ratio = med[n]["step_s"] / med["clm"]["step_s"]
+        m_ratio = (med[n]["peak_extra_bytes"] + 1) / (med["clm"]["peak_extra_bytes"] + 1)
         print(
             f"{label:<22}{med[n]['step_s'] * 1000:>10.1f}{med[n]['peak_extra_bytes'] / 2**20:>16.1f}"
+            + (f"{t_ratio:>11.2f}x{m_ratio:>10.2f}x" if n != "clm" else "")
         )
-    t_ratio = med["fusion"]["step_s"] / med["clm"]["step_s"]
-    m_ratio = (med["fusion"]["peak_extra_bytes"] + 1) / (med["clm"]["peak_extra_bytes"] + 1)
-    print(f"{'ratio':<22}{t_ratio:>9.2f}x{m_ratio:>15.2f}x")
     dense = args.batch * args.block * vocab * 4
     print(
         f"\n  peak memory is measured above the loaded model and batch ({'CUDA allocator' if device == 'cuda' else 'process peak RSS'}); "
@@ -355,7 +365,7 @@ def add_parser(sub: Any) -> None:
 
 if __name__ == "__main__":
     a = sys.argv
-    if len(a) == 8 and a[1] == "_train":
-        _train_worker(a[2], float(a[3]), int(a[4]), int(a[5]), int(a[6]), int(a[7]))
+    if len(a) == 9 and a[1] == "_train":
+        _train_worker(a[2], float(a[3]), int(a[4]), int(a[5]), int(a[6]), int(a[7]), a[8])
     if len(a) == 8 and a[1] == "_parallel":
         _parallel_main(a[2], a[3], int(a[4]), int(a[5]), int(a[6]), int(a[7]))

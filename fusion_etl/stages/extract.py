@@ -14,9 +14,7 @@ GPU worker group.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from functools import lru_cache
 from typing import Any
 
@@ -35,40 +33,14 @@ from fusion_etl.config import (
 )
 from fusion_etl.errors import InputDataError, UserError
 from fusion_etl.manifest import read_manifest
+from fusion_etl.models import model_identity, require_local_model
 from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem, make_plan
 from fusion_etl.schema import PREPARE, check_schema, extract_schema
 from fusion_etl.tokenization import tokenizer_fingerprint
 
-__all__ = ["ExtractStage", "scored_to_table"]
+__all__ = ["ExtractStage", "model_identity", "scored_to_table"]
 
 VERSION = 1
-
-
-def _local_model_dir(model: ModelConfig) -> str:
-    local = storage.local_path(model.path)
-    if local is None or not (local / "config.json").exists():
-        raise UserError(
-            f"model {model.name!r}: {model.path} is not a local folder with config.json "
-            "(a save_pretrained folder is needed; copy remote models to local disk first)"
-        )
-    return str(local)
-
-
-def model_identity(model: ModelConfig) -> dict[str, Any]:
-    """What identifies a model's outputs: its config, weight files (names, sizes), tokenizer."""
-    path = _local_model_dir(model)
-    with open(os.path.join(path, "config.json"), "rb") as fh:
-        config_hash = hashlib.sha256(fh.read()).hexdigest()[:16]
-    weights = sorted(
-        (name, os.path.getsize(os.path.join(path, name)))
-        for name in os.listdir(path)
-        if name.endswith((".safetensors", ".bin", ".pt"))
-    )
-    return {
-        "config": config_hash,
-        "weights": weights,
-        "tokenizer": tokenizer_fingerprint(model.tokenizer_path),
-    }
 
 
 def resolve_backend(cfg: PipelineConfig, model: ModelConfig) -> str:
@@ -252,7 +224,7 @@ class ExtractStage:
         doc_ids = table.column("doc_id").to_pylist()
         texts = table.column("text").to_pylist()
 
-        path = _local_model_dir(model)
+        path = require_local_model(model)
         tok_dir = storage.local_path(model.tokenizer_path)
         bos, eos = _special_ids(str(tok_dir) if tok_dir else path)
         if ec.add_eos and eos is None:

@@ -25,8 +25,8 @@ from fusion_etl import manifest, storage
 from fusion_etl.config import PipelineConfig, fingerprint, fingerprint_fields, redact, to_dict
 from fusion_etl.errors import UserError
 from fusion_etl.manifest import ShardRecord, read_manifest
+from fusion_etl.models import model_identity
 from fusion_etl.runner import RunResult, log
-from fusion_etl.stages.extract import model_identity
 from fusion_etl.train.memory import MemoryPlan, memory_plan, resolve_strategy
 
 __all__ = ["TrainStage", "check_memory", "train_memory_plan", "train_paths"]

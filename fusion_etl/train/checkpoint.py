@@ -23,6 +23,8 @@ from typing import Any
 
 from fusion_etl import storage
 from fusion_etl.config import PipelineConfig
+from fusion_etl.models import write_companions
+from fusion_etl.weights import INDEX, index_json, plan_files
 
 __all__ = ["export_model", "load_checkpoint", "save_checkpoint"]
 
@@ -98,7 +100,6 @@ def export_model(module: Any, cfg: PipelineConfig, output: str, *, rank: int) ->
     import torch
     from safetensors.torch import save_file
     from torch.distributed.tensor import DTensor
-    from transformers import PreTrainedTokenizerFast
 
     storage.configure(cfg.storage)
     model_config = json.loads(storage.read_bytes(storage.join(cfg.target.path, "config.json")))
@@ -113,21 +114,9 @@ def export_model(module: Any, cfg: PipelineConfig, output: str, *, rank: int) ->
             continue
         seen.add(id(tensor))
         names.append(name)
-    limit = int(cfg.train.export_shard_gib * 2**30)
-    files: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        nbytes = state[name].numel() * _DTYPES[dtype_name]
-        if files[-1] and size + nbytes > limit:
-            files.append([])
-            size = 0
-        files[-1].append(name)
-        size += nbytes
-    single = len(files) == 1
-    file_names = (
-        ["model.safetensors"]
-        if single
-        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    plan = plan_files(
+        [(name, state[name].numel() * _DTYPES[dtype_name]) for name in names],
+        int(cfg.train.export_shard_gib * 2**30),
     )
     written: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +128,7 @@ def export_model(module: Any, cfg: PipelineConfig, output: str, *, rank: int) ->
 
         weight_map: dict[str, str] = {}
         total = 0
-        for group, file_name in zip(files, file_names, strict=True):
+        for file_name, group in plan:
             tensors: dict[str, Any] = {}
             for name in group:
                 tensor = state[name]
@@ -156,25 +145,12 @@ def export_model(module: Any, cfg: PipelineConfig, output: str, *, rank: int) ->
                 publish(file_name)
         if rank != 0:
             return []
-        if not single:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
-            publish("model.safetensors.index.json")
-        model_config["dtype"] = dtype_name
-        model_config.pop("torch_dtype", None)
-        with open(os.path.join(tmp, "config.json"), "w") as fh:
-            json.dump(model_config, fh, indent=2, sort_keys=True)
-        publish("config.json")
-        generation = storage.join(cfg.target.path, "generation_config.json")
-        if storage.exists(generation):
-            with open(os.path.join(tmp, "generation_config.json"), "wb") as out:
-                out.write(storage.read_bytes(generation))
-            publish("generation_config.json")
-        tokenizer_dir = os.path.join(tmp, "tokenizer")
-        PreTrainedTokenizerFast.from_pretrained(cfg.target.tokenizer_path).save_pretrained(
-            tokenizer_dir
-        )
-        for name in sorted(os.listdir(tokenizer_dir)):
-            os.replace(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+        if len(plan) > 1:
+            with open(os.path.join(tmp, INDEX), "w") as fh:
+                fh.write(index_json(weight_map, total))
+            publish(INDEX)
+        for name in write_companions(
+            tmp, cfg.target.path, cfg.target.tokenizer_path, dtype_name, model_config
+        ):
             publish(name)
     return sorted(written)

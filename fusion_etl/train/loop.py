@@ -234,7 +234,12 @@ def train_loop(config: dict[str, Any]) -> None:
                 ):
                     logits = par.model(input_ids=batch["input_ids"]).logits
                     parts = fusion_loss(
-                        logits, batch["labels"], batch["fused_ids"], batch["fused_probs"], tc.lam
+                        logits,
+                        batch["labels"],
+                        batch["fused_ids"],
+                        batch["fused_probs"],
+                        tc.lam,
+                        topk_mass=tc.topk_mass,
                     )
                     (parts.total / tc.grad_accum).backward()
                 loss += float(parts.total.detach()) / tc.grad_accum
