@@ -179,8 +179,8 @@ class AlignFuseStage:
     name = "align_fuse"
 
     def _upstream(self, cfg: PipelineConfig) -> dict[str, Manifest]:
-        if not cfg.sources:
-            raise UserError("align_fuse needs at least one source model (sources: [...])")
+        # No sources is allowed: the fused distribution is then the target's own (what a
+        # CLM-only run, train.lam 1, trains on without reading it).
         out = {}
         for model in cfg.models:
             url = storage.join(cfg.stage_url("extract"), model.name)

@@ -198,7 +198,9 @@ def train_loop(config: dict[str, Any]) -> None:
     reader = UnitReader(config["shard_urls"])
     per_step = tc.grad_accum * tc.micro_batch
     progress = _Progress(total_steps, world)
-    curve: list[float] = []  # this worker's loss per step trained by this run
+    # This worker's losses per step trained by this run (rank 0's are reported).
+    curve: list[float] = []
+    clm_curve: list[float] = []
     step = start_step
     done_before = 0
     for plan in plans:
@@ -254,6 +256,7 @@ def train_loop(config: dict[str, Any]) -> None:
             progress.steps += 1
             progress.add(loss, clm, fusion, tokens)
             curve.append(loss)
+            clm_curve.append(clm)
             last = step == total_steps
             lr = float(scheduler.get_last_lr()[0])
             if rank == 0 and (step % tc.log_every == 0 or last):
@@ -262,6 +265,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics = progress.metrics(step, plan.epoch, lr)
                 if last:
                     metrics["loss_curve"] = curve
+                    metrics["clm_curve"] = clm_curve
                     metrics.update(
                         _gathered(
                             world,
