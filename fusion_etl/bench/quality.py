@@ -77,6 +77,8 @@ class Settings:
     source_epochs: int = 2
     """table7: passes of each source over its domain's training pool (the head start)."""
     source_lr: float = 2e-3
+    weight_temperature: float = 1.0
+    """Performance weights of the ensemble and the merges: softmax(-bits per byte / this)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[str, ...] = ()
     """Target variants to train (default: all of the mode)."""
@@ -145,6 +147,14 @@ class _Runner:
         self.s = settings
         self.data = data
         self.timings: dict[str, float] = {}
+        s = settings
+        # Run folders are named by the settings that make them, so that sweeps keep (and
+        # reuse) what other settings built; a stage's fingerprint would refuse a mix anyway.
+        self.source_tag = f"src-e{s.source_epochs}-lr{s.source_lr:g}"
+        self.fuse_tag = f"{self.source_tag}-{s.align_method}-t{s.temperature:g}"
+        self.target_tag = (
+            f"{self.fuse_tag}-lam{s.lam:g}-{s.topk_mass}-lr{s.lr:g}-e{s.epochs}-b{s.block_size}"
+        )
 
     def config(self, run_dir: Path, data: dict[str, Any]) -> Any:
         from fusion_etl.config import parse_config
@@ -222,7 +232,7 @@ def _models(kit: Any, mode: str, runner: _Runner) -> tuple[dict[str, Any], list[
     sources = []
     for domain in ("code", "scripture", "prose"):
         s = runner.s
-        run_dir = runner.out / "sources" / domain
+        run_dir = runner.out / "sources" / runner.source_tag / domain
         _say(f"source {domain}: the base trained further on {domain} ({s.source_epochs} epochs)")
         cfg = runner.config(
             run_dir,
@@ -243,10 +253,10 @@ def _models(kit: Any, mode: str, runner: _Runner) -> tuple[dict[str, Any], list[
 
 def _fused(runner: _Runner, mode: str, sources: list[dict[str, Any]], fusion: str) -> Path:
     """The run folder whose align_fuse output is `fusion` (prepare and extract shared)."""
-    shared = runner.out / "fuse" / "_extract"
+    shared = runner.out / "fuse" / runner.source_tag / "_extract"
     cfg = runner.config(shared, {"sources": sources})
     runner.pipeline(cfg, upto="extract")
-    run_dir = runner.out / "fuse" / fusion
+    run_dir = runner.out / "fuse" / runner.fuse_tag / fusion
     _link_upstream(shared, run_dir)
     runner.pipeline(
         runner.config(run_dir, {"sources": sources, "align_fuse": _fusion(runner.s, fusion)}),
@@ -287,7 +297,7 @@ def run_quality(mode: str, kit: Any, size: str, out: Path, settings: Settings) -
     for seed in settings.seeds:
         for variant in variants:
             fusion = "min_ce" if variant == "clm_only" else variant
-            run_dir = out / "targets" / variant / f"s{seed}"
+            run_dir = out / "targets" / runner.target_tag / variant / f"s{seed}"
             _link_upstream(fused_dirs[fusion], run_dir)
             lam = 1.0 if variant == "clm_only" else settings.lam
             _say(f"target {variant}, seed {seed} (lambda {lam})")
@@ -308,12 +318,15 @@ def run_quality(mode: str, kit: Any, size: str, out: Path, settings: Settings) -
     ensembles: list[dict[str, Any]] = []
     if mode == "table7":
         for method in MERGES:
-            run_dir = out / "merge" / method
+            run_dir = (
+                out / "merge" / f"{runner.source_tag}-w{settings.weight_temperature:g}" / method
+            )
             merge: dict[str, Any] = {
                 "method": method,
                 "models": sources,
                 "weighting": "performance",
                 "validation": str(data["validation"]),
+                "temperature": settings.weight_temperature,
             }
             if method != "linear":
                 merge["base"] = base
@@ -330,6 +343,7 @@ def run_quality(mode: str, kit: Any, size: str, out: Path, settings: Settings) -
                 "models": sources,
                 "weighting": "performance",
                 "validation": str(data["validation"]),
+                "temperature": settings.weight_temperature,
             }
         )
         naming["ensemble"] = ("ensemble", None)
@@ -338,7 +352,8 @@ def run_quality(mode: str, kit: Any, size: str, out: Path, settings: Settings) -
     eval_cfg = runner.config(
         out / "eval", {"evaluate": {"models": eval_models, "ensembles": ensembles}}
     )
-    runner.timed("evaluate", lambda: EvaluateStage().run(eval_cfg))
+    # The report of this invocation's models: replaced whenever the set of models changes.
+    runner.timed("evaluate", lambda: EvaluateStage().run(eval_cfg, overwrite=True))
     evaluated = json.loads((out / "eval" / "evaluate" / "results.json").read_text())
     domains = list(evaluated["domains"])
     rows = []
@@ -561,7 +576,16 @@ DEFAULTS = {"table7": Settings(), "hetero": Settings()}
 def bench_quality(args: argparse.Namespace) -> int:
     base = DEFAULTS[args.mode]
     overrides: dict[str, Any] = {}
-    for key in ("lam", "topk_mass", "align_method", "lr", "epochs", "source_epochs", "temperature"):
+    for key in (
+        "lam",
+        "topk_mass",
+        "align_method",
+        "lr",
+        "epochs",
+        "source_epochs",
+        "temperature",
+        "weight_temperature",
+    ):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -604,4 +628,7 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--lr", type=float, help="targets' peak learning rate")
     q.add_argument("--epochs", type=int, help="targets' passes over the mixture")
     q.add_argument("--source-epochs", type=int, help="table7: sources' passes over their domain")
+    q.add_argument(
+        "--weight-temperature", type=float, help="temperature of the performance weights"
+    )
     q.set_defaults(run=bench_quality)
