@@ -20,6 +20,7 @@ protocol; this module only hands work out and takes results back:
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +57,11 @@ class Gate:
 
     def release(self) -> list[WorkItem]:
         """The waiting items that may run now, in plan order; they stop waiting."""
-        ready = [it for it in self.waiting if all(it.shard in up for up in self.upstream)]
-        if ready:
-            self.waiting = [it for it in self.waiting if it not in ready]
+        ready: list[WorkItem] = []
+        waiting: list[WorkItem] = []
+        for it in self.waiting:
+            (ready if all(it.shard in up for up in self.upstream) else waiting).append(it)
+        self.waiting = waiting
         return ready
 
 
@@ -94,9 +97,9 @@ class _Dispatch:
                 # A worker that dies (OOM, preemption) is retried by Ray; errors in our code are not.
                 max_retries=3,
             )(commit_by_name)
-            self.limit = cfg.ray.max_in_flight or max(
-                2, int(2 * ray.cluster_resources().get("CPU", 1))
-            )
+            self._fixed_limit = cfg.ray.max_in_flight
+            self._limit_at = -1.0
+            self.limit = 2
 
     @property
     def busy(self) -> bool:
@@ -107,9 +110,22 @@ class _Dispatch:
             return
         self.queue.extend(self.gate.release())
 
+    def _task_limit(self) -> int:
+        """Shards in flight: `ray.max_in_flight`, else twice the CPUs the cluster has now,
+        looked up again every few seconds: an autoscaled cluster grows as the demand this
+        shows it is met, and then shows it more."""
+        if self._fixed_limit:
+            return self._fixed_limit
+        now = time.monotonic()
+        if now - self._limit_at > 5.0:
+            self._limit_at = now
+            self.limit = max(2, int(2 * self.ray.cluster_resources().get("CPU", 0)))
+        return self.limit
+
     def submit(self) -> None:
         if self.pool is None:
-            while self.queue and len(self.pending) < self.limit:
+            limit = self._task_limit() if self.queue else self.limit
+            while self.queue and len(self.pending) < limit:
                 item = self.queue.pop(0)
                 ref = self._task.remote(self._cfg_ref, self._stage, self._out, item)
                 self.pending[ref] = (None, item)
