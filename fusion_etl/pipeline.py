@@ -62,6 +62,8 @@ def run_stages(
             if isinstance(whole, TrainStage | EvaluateStage):
                 if shards is not None:
                     raise UserError(f"--shards does not apply to {name!r}, which is not sharded")
+                if isinstance(whole, TrainStage):
+                    _pin_ray_data_stats_actor(cfg)
                 results = [whole.run(cfg, overwrite=overwrite)]
             else:
                 results = [run_stage(get_stage(name), cfg, overwrite=overwrite, shards=shards)]
@@ -88,3 +90,26 @@ def extract_and_align(cfg: PipelineConfig, *, overwrite: bool) -> tuple[RunResul
         after={n + j: list(range(n)) for j in range(len(align_plans))},
     )
     return combine(extract.name, results[:n]), combine(align.name, results[n:])
+
+
+def _pin_ray_data_stats_actor(cfg: PipelineConfig) -> None:
+    """Create Ray Data's stats actor on this driver's node before training reads with Ray Data.
+
+    Ray 2.60 keeps one detached `_StatsActor` per cluster, on the node of whoever first needs
+    it: there a training worker, on the training node, which then is never idle again and never
+    scaled down (seen with cluster/local-fake.yaml). Made here, it lives on the driver's node
+    (the head, for jobs). Remove once the train stage no longer reads through Ray Data.
+    """
+    if cfg.ray.executor != "ray":
+        return
+    from fusion_etl.ray_utils import init_ray
+
+    init_ray(cfg.ray)
+    try:
+        from ray.data._internal.stats import get_or_create_stats_actor
+
+        get_or_create_stats_actor()
+    except Exception as exc:  # an internal API: never let it stop training
+        from fusion_etl.runner import log
+
+        log(f"train: could not place Ray Data's stats actor on the driver's node ({exc})")
