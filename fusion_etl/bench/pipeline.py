@@ -117,8 +117,8 @@ def _schedules(job: Path, out: Path, repeats: int) -> dict[str, list[tuple[float
 
 
 def _shards(job: Path, out: Path, factor: int) -> tuple[Path, Path]:
-    """A demo-sized prepared shard and one `factor` times its size (the demo's documents
-    again, with new ids), from a prepare run of the demo job."""
+    """The demo's first prepared shard, and that shard `factor` times over (its documents again
+    with new ids: the same mix of lengths, so only the shard's size differs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -141,17 +141,14 @@ def _shards(job: Path, out: Path, factor: int) -> tuple[Path, Path]:
             check=True,
             capture_output=True,
         )
-    shards = sorted((run_dir / "prepare").glob("part-*.parquet"))
-    one = pq.read_table(shards[0])
-    every = pa.concat_tables([pq.read_table(p) for p in shards])
-    target = factor * one.num_rows
-    parts: list[pa.Table] = []
-    rep = 0
-    while sum(t.num_rows for t in parts) < target:
-        ids = [f"x{rep}/{d}" for d in every.column("doc_id").to_pylist()]
-        parts.append(every.set_column(0, "doc_id", pa.array(ids, pa.string())).cast(PREPARE))
-        rep += 1
-    big = pa.concat_tables(parts).slice(0, target)
+    one = pq.read_table(sorted((run_dir / "prepare").glob("part-*.parquet"))[0]).cast(PREPARE)
+    ids = one.column("doc_id").to_pylist()
+    big = pa.concat_tables(
+        [
+            one.set_column(0, "doc_id", pa.array([f"x{r}/{d}" for d in ids], pa.string()))
+            for r in range(factor)
+        ]
+    ).cast(PREPARE)
     folder = out / "memory"
     folder.mkdir(parents=True, exist_ok=True)
     paths = (folder / "shard-1x.parquet", folder / f"shard-{factor}x.parquet")
