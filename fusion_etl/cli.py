@@ -37,8 +37,13 @@ def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0
             {"name": "src_neox", "path": f"{kit}/src_neox"},
             {"name": "src_gpt2", "path": f"{kit}/src_gpt2"},
         ],
-        # Pieces of at most block_size - margin tokens (+ EOS) must fit the kit's context.
-        "prepare": {"input": f"{kit}/corpus", "block_size": 512 if size == "demo" else 256},
+        # Pieces of at most block_size - margin tokens (+ EOS) must fit the kit's context;
+        # small shards keep several units of work in a tiny corpus.
+        "prepare": {
+            "input": f"{kit}/corpus",
+            "block_size": 512 if size == "demo" else 256,
+            "shard_docs": 64 if size == "demo" else 12,
+        },
         # Small row groups: the units the training workers shuffle and share out.
         "align_fuse": {"row_group_docs": 16},
         # Tiny models learn at far larger rates than the paper's 1e-5 for 7B models.
@@ -90,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace output made with a different configuration; stages whose configuration did not change are kept",
+    )
+    run.add_argument(
+        "--until",
+        metavar="STAGE",
+        help="with 'all': stop after this stage, e.g. --until align_fuse for the data plane only",
     )
     run.add_argument(
         "--shards",
@@ -197,20 +207,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage_names(stage: str) -> list[str]:
-    from fusion_etl.stages import STAGES, lookup
+def _run(
+    cfg: PipelineConfig,
+    stage: str,
+    *,
+    overwrite: bool,
+    shards: str | None,
+    until: str | None = None,
+) -> int:
+    from fusion_etl.pipeline import run_stages, stage_names
 
-    if stage == "all":
-        return list(STAGES)
-    lookup(stage)
-    return [stage]
-
-
-def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None) -> int:
-    from fusion_etl.runner import run_stage
-    from fusion_etl.stages import WholeStage, get_stage, is_whole, lookup
-
-    names = _stage_names(stage)
+    names = stage_names(stage, until)
     if shards is not None and stage == "all":
         raise UserError("--shards needs a single stage, not 'all'")
     if "train" in names:
@@ -218,27 +225,19 @@ def _run(cfg: PipelineConfig, stage: str, *, overwrite: bool, shards: str | None
 
         check_memory(cfg)  # before any work: a plan that cannot fit is refused up front
     started = time.monotonic()
-    for name in names:
-        whole = lookup(name)
-        if is_whole(whole):
-            if shards is not None:
-                raise UserError(f"--shards does not apply to {name!r}, which is not sharded")
-            result = cast(WholeStage, whole).run(cfg, overwrite=overwrite)
-        else:
-            st = get_stage(name)
-            result = run_stage(st, cfg, overwrite=overwrite, shards=shards)
-        if not result.complete:
-            return 0 if shards is not None else 1
+    if not run_stages(cfg, names, overwrite=overwrite, shards=shards):
+        return 0 if shards is not None else 1
     print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
     return 0
 
 
 def _plan(cfg: PipelineConfig, stage: str) -> int:
+    from fusion_etl.pipeline import stage_names
     from fusion_etl.stages import WholeStage, get_stage, is_whole, lookup
     from fusion_etl.stages.train import TrainStage
 
     storage.configure(cfg.storage)
-    for name in _stage_names(stage):
+    for name in stage_names(stage):
         whole = lookup(name)
         try:
             if isinstance(whole, TrainStage):
@@ -385,8 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in ("job-id", "submit"):
             from fusion_etl.jobs import job_id, submit
+            from fusion_etl.pipeline import stage_names
 
-            _stage_names(args.stage)
+            stage_names(args.stage)
             if args.command == "job-id":
                 print(job_id(args.stage, cfg, overwrite=args.overwrite))
                 return 0
@@ -411,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wait=args.wait,
             )
         if args.command == "run":
-            return _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards)
+            return _run(
+                cfg, args.stage, overwrite=args.overwrite, shards=args.shards, until=args.until
+            )
         if args.command == "plan":
             return _plan(cfg, args.stage)
     except UserError as exc:

@@ -82,6 +82,10 @@ class RayConfig:
     object_store_memory_mb: int = 256
     max_in_flight: int = 0
     """Shards submitted at once; 0: twice the cluster's CPUs."""
+    schedule: Literal["pipelined", "concurrent", "staged"] = "pipelined"
+    """`staged`: one output folder (one model) at a time, one stage after the other;
+    `concurrent`: a stage's folders at once (extract: every model with its own actor pool);
+    `pipelined`: also, in `run all`, align_fuse of a shard as soon as every model committed it."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,11 @@ class PrepareConfig:
     """Tokens kept free in each block (EOS, and room the reference keeps)."""
     on_invalid_utf8: Literal["error", "skip"] = "error"
     """`skip` drops undecodable lines and counts them in the shard record."""
+    shard_docs: int = 4096
+    """At most this many input documents per prepared shard (the unit of work downstream)."""
+    shard_bytes: int = 4 * 2**20
+    """At most about this many bytes of input per shard (4 MiB: minutes of 7B GPU work; see
+    `fusion_etl.stages.prepare`); a larger single document gets a shard of its own."""
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
     """CPUs reserved per shard task (below 1 so that Ray's own read tasks never starve)."""
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
@@ -178,7 +187,8 @@ class ExtractConfig:
     batch_tokens: int = field(default=8192, metadata=_RUNTIME)
     """transformers backend: padded tokens per forward pass."""
     docs_per_call: int = field(default=256, metadata=_RUNTIME)
-    """Documents handed to the scorer at once (bounds memory of one shard's results)."""
+    """Documents read, scored and written at once: one Parquet row group of an extracted
+    shard, so a worker's memory is bounded by this, not by the shard's size."""
     seed: int = 0
     vllm: VllmConfig = VllmConfig()
 
@@ -482,6 +492,9 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("margin", f"must be in [0, block_size), got {obj.margin}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
+        for name in ("shard_docs", "shard_bytes"):
+            if getattr(obj, name) < 1:
+                fail(name, f"must be at least 1, got {getattr(obj, name)}")
     if isinstance(obj, ExtractConfig):
         if obj.top_k < 1:
             fail("top_k", f"must be at least 1, got {obj.top_k}")
@@ -493,6 +506,8 @@ def _validate(obj: Any, prefix: str) -> None:
             )
         if obj.actors < 1:
             fail("actors", f"must be at least 1, got {obj.actors}")
+        if obj.docs_per_call < 1:
+            fail("docs_per_call", f"must be at least 1, got {obj.docs_per_call}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
     if isinstance(obj, AlignFuseConfig):
