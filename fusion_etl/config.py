@@ -28,10 +28,12 @@ from fusion_etl.errors import ConfigError
 
 __all__ = [
     "AlignFuseConfig",
+    "EnsembleConfig",
     "EstimateConfig",
     "EvaluateConfig",
     "ExtractConfig",
     "KitConfig",
+    "MergeConfig",
     "ModelConfig",
     "PipelineConfig",
     "PrepareConfig",
@@ -81,6 +83,10 @@ class RayConfig:
     object_store_memory_mb: int = 256
     max_in_flight: int = 0
     """Shards submitted at once; 0: twice the cluster's CPUs."""
+    schedule: Literal["pipelined", "concurrent", "staged"] = "pipelined"
+    """`staged`: one output folder (one model) at a time, one stage after the other;
+    `concurrent`: a stage's folders at once (extract: every model with its own actor pool);
+    `pipelined`: also, in `run all`, align_fuse of a shard as soon as every model committed it."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,11 @@ class PrepareConfig:
     """Tokens kept free in each block (EOS, and room the reference keeps)."""
     on_invalid_utf8: Literal["error", "skip"] = "error"
     """`skip` drops undecodable lines and counts them in the shard record."""
+    shard_docs: int = 4096
+    """At most this many input documents per prepared shard (the unit of work downstream)."""
+    shard_bytes: int = 4 * 2**20
+    """At most about this many bytes of input per shard (4 MiB: minutes of 7B GPU work; see
+    `fusion_etl.stages.prepare`); a larger single document gets a shard of its own."""
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
     """CPUs reserved per shard task (below 1 so that Ray's own read tasks never starve)."""
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
@@ -179,7 +190,8 @@ class ExtractConfig:
     batch_tokens: int = field(default=8192, metadata=_RUNTIME)
     """transformers backend: padded tokens per forward pass."""
     docs_per_call: int = field(default=256, metadata=_RUNTIME)
-    """Documents handed to the scorer at once (bounds memory of one shard's results)."""
+    """Documents read, scored and written at once: one Parquet row group of an extracted
+    shard, so a worker's memory is bounded by this, not by the shard's size."""
     seed: int = 0
     vllm: VllmConfig = VllmConfig()
 
@@ -212,9 +224,12 @@ class TrainConfig:
 
     lam: float = 0.9
     """lambda in  lambda * CLM + (1 - lambda) * fusion; 1.0 is plain continual training."""
+    topk_mass: Literal["renormalize", "rest"] = "renormalize"
+    """The teacher's mass outside its top-k: rescale the k probabilities to 1 (the reference),
+    or keep it as one more category the student must match (`fusion_etl.train.loss`)."""
     block_size: int = 2048
     keep_remainder: bool = True
-    """Train the last, partial block (padded and masked) as the reference does, or drop it."""
+    """Train each worker's last, partial block (padded and masked) as the reference does, or drop it."""
     micro_batch: int = 1
     """Blocks per worker per forward pass."""
     grad_accum: int = 1
@@ -229,22 +244,51 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    """auto: bf16 on GPUs that support it, fp32 elsewhere. fsdp: bf16 parameters and compute with
+    fp32 gradient reduction and fp32 master weights; ddp: bf16 autocast."""
     seed: int = 0
+    """Seeds the data order (with `shuffle`) and everything random in training."""
+    shuffle: bool = True
+    """Deterministic shuffle of the fused data for `seed`: row groups over the whole dataset,
+    documents within windows of `shuffle_window` row groups; off: manifest order."""
+    shuffle_window: int = 4
+    """Row groups whose documents are shuffled together on a worker (held in memory at once)."""
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
+    """fsdp (PyTorch FSDP2, `fully_shard` on every decoder layer and the root: parameters,
+    gradients and optimizer state sharded over the workers) or ddp (every worker holds
+    everything); auto: fsdp with more than one worker."""
+    activation_checkpointing: bool = field(default=False, metadata=_RUNTIME)
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more
+    compute; the same results)."""
+    cpu_offload: bool = field(default=False, metadata=_RUNTIME)
+    """fsdp on GPUs: keep parameters, gradients and optimizer state in host memory."""
+    gpu_memory_gib: float = field(default=0.0, metadata=_RUNTIME)
+    """Memory of one training accelerator for the memory plan; 0: from accelerator_type, else 80."""
+    accelerator_type: str | None = field(default=None, metadata=_RUNTIME)
+    """Ray accelerator type of the training GPUs (e.g. `A100-80G`, `H100`): workers are pinned to
+    it and the memory plan takes its memory."""
     checkpoint_every: int = field(default=50, metadata=_RUNTIME)
     """Steps between checkpoints (and always after the last step)."""
+    log_every: int = field(default=10, metadata=_RUNTIME)
+    """Steps between progress lines (loss, tokens/s)."""
     storage_path: str = ""
     """Where Ray Train keeps checkpoints (any fsspec URL); default: <run_dir>/train/ray."""
     run_name: str = "fusion"
     output: str = ""
     """Where the final model goes (save_pretrained + tokenizer); default: <run_dir>/train/model."""
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the exported weights; auto: the target checkpoint's own."""
+    export_shard_gib: float = field(default=5.0, metadata=_RUNTIME)
+    """Largest safetensors file of the export (and the most rank 0 gathers at once)."""
     num_workers: int = field(default=1, metadata=_RUNTIME)
     use_gpu: bool = field(default=False, metadata=_RUNTIME)
     cpus_per_worker: float = field(default=0.5, metadata=_RUNTIME)
-    """Below 1 on small machines: Ray Data's read tasks need CPUs beside the workers."""
+    """Below 1 on small machines, so that the driver's own work keeps a CPU."""
     gpus_per_worker: float = field(default=1.0, metadata=_RUNTIME)
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
     """Custom Ray resources per training worker, e.g. {train_gpu: 1}."""
+    env_vars: dict[str, str] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Environment of the training worker processes (e.g. NCCL_* settings)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +301,8 @@ class EvaluateConfig:
     domain_field: str = "domain"
     models: tuple[ModelConfig, ...] = ()
     """Models to score; default: the target before training, the trained target, the sources."""
+    ensembles: tuple[EnsembleConfig, ...] = ()
+    """Ensembles scored after the models (each a row of the results)."""
     max_length: int = 0
     """Window in tokens for long texts; 0: the model's max_position_embeddings."""
 
@@ -308,6 +354,49 @@ class EstimateConfig:
 
 
 @dataclass(frozen=True)
+class MergeConfig:
+    """`merge`: weight merging of same-architecture models into one `save_pretrained` model
+    (run on its own: `fusion-etl run merge`; `all` does not include it)."""
+
+    method: Literal["linear", "task_arithmetic", "ties", "sce"] = "linear"
+    """See `fusion_etl.merging`: averaging, task arithmetic, TIES, or FuseChat's SCE."""
+    models: tuple[ModelConfig, ...] = ()
+    base: ModelConfig | None = None
+    """The model the task vectors are taken against (task_arithmetic, ties, sce)."""
+    weights: tuple[float, ...] = ()
+    """One per model; empty: from `weighting`."""
+    weighting: Literal["uniform", "performance"] = "uniform"
+    """performance: softmax(-bits per byte / temperature) of each model on `validation`."""
+    validation: str = ""
+    """jsonl files (field `text`) for performance weights; never the evaluation's held-out text."""
+    temperature: float = 0.1
+    scale: float = 1.0
+    """Multiplies the merged task vector."""
+    density: float = 0.2
+    """ties: fraction of each task vector kept."""
+    select: float = 0.1
+    """sce: fraction of elements selected by their variance across the models."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the merged weights; auto: the first model's."""
+    output: str = ""
+    """Where the merged model goes; default: <run_dir>/merge/model."""
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Several models with one tokenizer scored as one: next-token probabilities averaged."""
+
+    name: str
+    models: tuple[ModelConfig, ...]
+    weights: tuple[float, ...] = ()
+    """One per model; empty: from `weighting`."""
+    weighting: Literal["uniform", "performance"] = "uniform"
+    validation: str = ""
+    """jsonl files (field `text`) for performance weights; never the held-out text."""
+    temperature: float = 0.1
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """A whole fusion run."""
 
@@ -320,6 +409,7 @@ class PipelineConfig:
     align_fuse: AlignFuseConfig = AlignFuseConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    merge: MergeConfig = MergeConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
@@ -452,6 +542,9 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("margin", f"must be in [0, block_size), got {obj.margin}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
+        for name in ("shard_docs", "shard_bytes"):
+            if getattr(obj, name) < 1:
+                fail(name, f"must be at least 1, got {getattr(obj, name)}")
     if isinstance(obj, ExtractConfig):
         if obj.top_k < 1:
             fail("top_k", f"must be at least 1, got {obj.top_k}")
@@ -463,6 +556,8 @@ def _validate(obj: Any, prefix: str) -> None:
             )
         if obj.actors < 1:
             fail("actors", f"must be at least 1, got {obj.actors}")
+        if obj.docs_per_call < 1:
+            fail("docs_per_call", f"must be at least 1, got {obj.docs_per_call}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
     if isinstance(obj, AlignFuseConfig):
@@ -482,6 +577,8 @@ def _validate(obj: Any, prefix: str) -> None:
             "epochs",
             "num_workers",
             "checkpoint_every",
+            "log_every",
+            "shuffle_window",
         ):
             if getattr(obj, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(obj, name)}")
@@ -493,6 +590,36 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("warmup_ratio", f"must be in [0, 1), got {obj.warmup_ratio}")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", obj.run_name):
             fail("run_name", f"{obj.run_name!r} must use letters, digits, '_', '-' or '.'")
+        if obj.gpu_memory_gib < 0:
+            fail(
+                "gpu_memory_gib",
+                f"must be 0 (from accelerator_type) or positive, got {obj.gpu_memory_gib}",
+            )
+        if obj.export_shard_gib <= 0:
+            fail("export_shard_gib", f"must be positive, got {obj.export_shard_gib}")
+        if obj.cpu_offload and obj.strategy == "ddp":
+            fail("cpu_offload", "needs train.strategy fsdp (or auto with more than one worker)")
+    if isinstance(obj, MergeConfig | EnsembleConfig):
+        if obj.weights and len(obj.weights) != len(obj.models):
+            fail("weights", f"{len(obj.weights)} weights for {len(obj.models)} models")
+        if any(w < 0 for w in obj.weights) or (obj.weights and sum(obj.weights) <= 0):
+            fail("weights", "must be non-negative and not all zero")
+        if obj.temperature <= 0:
+            fail("temperature", f"must be positive, got {obj.temperature}")
+        if obj.weighting == "performance" and not obj.weights and not obj.validation:
+            fail("validation", "performance weighting needs validation text (jsonl with `text`)")
+    if isinstance(obj, MergeConfig):
+        if obj.method != "linear" and obj.models and obj.base is None:
+            fail("base", f"method {obj.method!r} takes task vectors against a base model: set it")
+        if not 0 < obj.density <= 1:
+            fail("density", f"must be in (0, 1], got {obj.density}")
+        if not 0 < obj.select <= 1:
+            fail("select", f"must be in (0, 1], got {obj.select}")
+    if isinstance(obj, EnsembleConfig):
+        if len(obj.models) < 2:
+            fail("models", "an ensemble needs at least two models")
+        if not re.fullmatch(r"[A-Za-z0-9_.:+ ()-]+", obj.name):
+            fail("name", f"{obj.name!r}: letters, digits, spaces and _.:+-() only")
     if isinstance(obj, EstimateConfig):
         for name in (
             "sample_bytes",

@@ -12,7 +12,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,13 +26,17 @@ from fusion_etl.schema import parquet_bytes, write_parquet
 
 __all__ = [
     "ActorPool",
+    "PlanRun",
     "RunResult",
     "ShardOutput",
     "Stage",
     "StagePlan",
     "WorkItem",
+    "combine",
+    "commit_by_name",
     "make_plan",
     "parse_shard_selection",
+    "run_plans",
     "run_stage",
 ]
 
@@ -199,7 +203,7 @@ def _write_batches(url: str, out: ShardOutput, stage_name: str) -> tuple[int, in
     return rows, size, digest.hexdigest()
 
 
-def _commit_by_name(
+def commit_by_name(
     cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem
 ) -> ShardRecord:
     # Workers look the stage up by name: stage objects need not pickle.
@@ -245,123 +249,141 @@ def _progress(total: int, initial: int, desc: str) -> Any:
     )
 
 
-def _run_inline(
-    cfg: PipelineConfig,
-    stage: Stage,
-    out_url: str,
-    todo: Iterable[WorkItem],
-    on_done: Callable[[ShardRecord], None],
-) -> None:
-    for item in todo:
-        on_done(commit_shard(cfg, stage, out_url, item))
+class PlanRun:
+    """One plan being run: opened (claimed, done shards found, progress bar), then fed records
+    as shards return, then closed (the manifest, once every shard has returned)."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        cfg: PipelineConfig,
+        plan: StagePlan,
+        *,
+        overwrite: bool,
+        shards: str | None,
+    ) -> None:
+        self.stage = stage
+        self.plan = plan
+        last = plan.output.rstrip("/").split("/")[-1]
+        self.label = stage.name if last == stage.name else f"{stage.name}/{last}"
+        self.names = [it.shard for it in plan.items]
+        if len(set(self.names)) != len(self.names):
+            # A bug, not the user's.
+            raise AssertionError(f"{self.label}: duplicate shard names in plan")
+        self.todo: list[WorkItem] = []
+        self.done: dict[str, ShardRecord] = {}
+        self.records: dict[str, ShardRecord] = {}
+        self.committed: set[str] = set()
+        """Shards committed before this run (all of them when the plan is up to date)."""
+        self.result: RunResult | None = None
+        if shards is None and manifest.is_finished(plan.output, plan.fingerprint):
+            log(
+                f"{self.label}: up to date ({len(self.names)} shards, fingerprint {plan.fingerprint}); nothing to do"
+            )
+            self.committed = set(self.names)
+            self.result = RunResult(self.label, len(self.names), len(self.names), 0, True, ())
+            return
+        manifest.begin_stage(
+            plan.output,
+            stage=self.label,
+            fingerprint=plan.fingerprint,
+            identity=plan.identity,
+            config=plan.config,
+            overwrite=overwrite,
+        )
+        self.done = manifest.done_records(plan.output, self.names)
+        self.committed = set(self.done)
+        selected = set(self.names) if shards is None else parse_shard_selection(shards, self.names)
+        self.todo = [it for it in plan.items if it.shard in selected and it.shard not in self.done]
+        log(
+            f"{self.label}: {len(self.names)} shards, {len(self.done)} already committed, "
+            f"{len(self.todo)} to run -> {plan.output}"
+        )
+        self.records = dict(self.done)
+        self._bar = _progress(len(selected), len(selected & set(self.done)), self.label)
+        self._rows = self._tokens = 0
+        self._started = time.monotonic()
+
+    def on_done(self, record: ShardRecord) -> None:
+        self.records[record.name] = record
+        self._rows += record.rows
+        self._tokens += record.stats.get("tokens", 0)
+        self._bar.update(1)
+        postfix: dict[str, Any] = {"docs": self._rows}
+        if self._tokens:
+            elapsed = max(time.monotonic() - self._started, 1e-9)
+            postfix["tok/s"] = f"{self._tokens / elapsed:.0f}"
+        self._bar.set_postfix(postfix)
+
+    def close(self) -> RunResult:
+        """Write the manifest if every shard has returned; idempotent."""
+        if self.result is not None:
+            return self.result
+        self._bar.close()
+        plan, names, records = self.plan, self.names, self.records
+        complete = all(n in records for n in names)
+        if complete:
+            # Every shard write has returned (we hold all their records): only now the manifest.
+            manifest.write_manifest(
+                plan.output,
+                stage=self.label,
+                fingerprint=plan.fingerprint,
+                config=plan.config,
+                inputs=plan.inputs,
+                records=[records[n] for n in names],
+            )
+            log(
+                f"{self.label}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows"
+            )
+        else:
+            log(
+                f"{self.label}: {len(records)} of {len(names)} shards committed; run again without --shards to finish"
+            )
+        self.result = RunResult(
+            self.label,
+            len(names),
+            len(self.done),
+            len(self.todo),
+            complete,
+            tuple(records[n] for n in names if n in records),
+        )
+        return self.result
+
+    def abort(self) -> None:
+        """Stop showing progress after a failure; committed shards stay, no manifest."""
+        if self.result is None:
+            self._bar.close()
 
 
-def _run_on_ray(
+def run_plans(
     cfg: PipelineConfig,
-    stage: Stage,
-    out_url: str,
-    todo: Sequence[WorkItem],
-    on_done: Callable[[ShardRecord], None],
+    plans: Sequence[tuple[Stage, StagePlan]],
     *,
-    num_cpus: float,
-    resources: Mapping[str, float],
-) -> None:
-    from fusion_etl.ray_utils import init_ray
-
-    ray = init_ray(cfg.ray)
-    # A worker that dies (OOM, preemption) is retried by Ray; errors in our code are not.
-    task = ray.remote(num_cpus=num_cpus, resources=dict(resources) or None, max_retries=3)(
-        _commit_by_name
-    )
-    cfg_ref = ray.put(cfg)
-    limit = cfg.ray.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
-    pending: dict[Any, WorkItem] = {}
-    queue = list(todo)
-    while queue or pending:
-        while queue and len(pending) < limit:
-            item = queue.pop(0)
-            pending[task.remote(cfg_ref, stage.name, out_url, item)] = item
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            item = pending.pop(ref)
-            try:
-                on_done(ray.get(ref))
-            except ray.exceptions.RayTaskError as exc:
-                for other in pending:
-                    ray.cancel(other)
-                cause = exc.cause
-                if isinstance(cause, UserError):
-                    raise type(cause)(f"shard {item.shard}: {cause}") from None
-                raise
-
-
-class ShardActor:
-    """A long-lived worker; stage state (a loaded model) lives in its process caches."""
-
-    def commit(
-        self, cfg: PipelineConfig, stage_name: str, out_url: str, item: WorkItem
-    ) -> ShardRecord:
-        return _commit_by_name(cfg, stage_name, out_url, item)
-
-
-MAX_ACTOR_DEATHS_PER_SHARD = 3
-
-
-def _run_on_actors(
-    cfg: PipelineConfig,
-    stage: Stage,
-    out_url: str,
-    todo: Sequence[WorkItem],
-    on_done: Callable[[ShardRecord], None],
-    *,
-    pool: ActorPool,
-) -> None:
-    from fusion_etl.ray_utils import init_ray
-
-    ray = init_ray(cfg.ray)
-    actor_cls = ray.remote(ShardActor).options(max_restarts=0, **dict(pool.options))
-    cfg_ref = ray.put(cfg)
-    actors = [actor_cls.remote() for _ in range(min(pool.size, len(todo)))]
-    idle = list(actors)
-    queue = list(todo)
-    pending: dict[Any, tuple[Any, WorkItem]] = {}
-    deaths: dict[str, int] = {}
+    overwrite: bool = False,
+    shards: str | None = None,
+    after: Mapping[int, Sequence[int]] | None = None,
+) -> list[RunResult]:
+    """Run several plans at once (`fusion_etl.scheduler`), each committed as soon as its last
+    shard has returned; `after[i]` lists the plans whose same-named shard plan i needs first.
+    With the inline executor, one after another in the given order."""
+    runs = [PlanRun(stage, cfg, plan, overwrite=overwrite, shards=shards) for stage, plan in plans]
     try:
-        while queue or pending:
-            while queue and idle:
-                actor, item = idle.pop(0), queue.pop(0)
-                pending[actor.commit.remote(cfg_ref, stage.name, out_url, item)] = (actor, item)
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            actor, item = pending.pop(ready[0])
-            try:
-                record = ray.get(ready[0])
-            except ray.exceptions.RayActorError as exc:
-                # The process died (OOM, preemption, a crash in native code): replace it and
-                # hand its shard out again. Deterministic shard names make the retry safe.
-                deaths[item.shard] = deaths.get(item.shard, 0) + 1
-                if deaths[item.shard] >= MAX_ACTOR_DEATHS_PER_SHARD:
-                    raise RuntimeError(
-                        f"shard {item.shard}: its actor died {deaths[item.shard]} times; last: {exc}"
-                    ) from None
-                log(
-                    f"{stage.name}: actor died on {item.shard} ({type(exc).__name__}); replacing it and retrying"
-                )
-                actors.remove(actor)
-                fresh = actor_cls.remote()
-                actors.append(fresh)
-                idle.append(fresh)
-                queue.insert(0, item)
-                continue
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause
-                if isinstance(cause, UserError):
-                    raise type(cause)(f"shard {item.shard}: {cause}") from None
-                raise
-            on_done(record)
-            idle.append(actor)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+        if cfg.ray.executor == "inline":
+            for run in runs:
+                if run.todo:
+                    run.stage.setup(cfg, run.plan)
+                for item in run.todo:
+                    run.on_done(commit_shard(cfg, run.stage, run.plan.output, item))
+                run.close()
+        else:
+            from fusion_etl.scheduler import run_concurrently
+
+            run_concurrently(cfg, runs, after=after, on_finished=PlanRun.close)
+    except BaseException:
+        for run in runs:
+            run.abort()
+        raise
+    return [run.close() for run in runs]
 
 
 def run_stage(
@@ -371,117 +393,26 @@ def run_stage(
     overwrite: bool = False,
     shards: str | None = None,
 ) -> RunResult:
-    """Run every plan of a stage to completion (or the selected shards), idempotently."""
+    """Run every plan of a stage to completion (or the selected shards), idempotently: all at
+    once, unless `ray.schedule` is `staged` (then one plan after the other)."""
     storage.configure(cfg.storage)
-    results = [
-        _run_plan(stage, cfg, plan, overwrite=overwrite, shards=shards) for plan in stage.plan(cfg)
-    ]
+    plans = [(stage, plan) for plan in stage.plan(cfg)]
+    if cfg.ray.schedule == "staged":
+        results = [
+            r for p in plans for r in run_plans(cfg, [p], overwrite=overwrite, shards=shards)
+        ]
+    else:
+        results = run_plans(cfg, plans, overwrite=overwrite, shards=shards)
+    return combine(stage.name, results)
+
+
+def combine(stage: str, results: Sequence[RunResult]) -> RunResult:
+    """One result for a stage of several plans."""
     return RunResult(
-        stage=stage.name,
+        stage=stage,
         total=sum(r.total for r in results),
         skipped=sum(r.skipped for r in results),
         ran=sum(r.ran for r in results),
         complete=all(r.complete for r in results),
         records=tuple(rec for r in results for rec in r.records),
-    )
-
-
-def _run_plan(
-    stage: Stage,
-    cfg: PipelineConfig,
-    plan: StagePlan,
-    *,
-    overwrite: bool,
-    shards: str | None,
-) -> RunResult:
-    label = (
-        plan.output.rstrip("/").split("/")[-1]
-        if plan.output.rstrip("/").split("/")[-1] != stage.name
-        else stage.name
-    )
-    label = stage.name if label == stage.name else f"{stage.name}/{label}"
-    out_url = plan.output
-    names = [it.shard for it in plan.items]
-    if len(set(names)) != len(names):
-        raise AssertionError(f"{label}: duplicate shard names in plan")  # a bug, not the user's
-    if shards is None and manifest.is_finished(out_url, plan.fingerprint):
-        log(
-            f"{label}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
-        )
-        return RunResult(label, len(names), len(names), 0, True, ())
-    manifest.begin_stage(
-        out_url,
-        stage=label,
-        fingerprint=plan.fingerprint,
-        identity=plan.identity,
-        config=plan.config,
-        overwrite=overwrite,
-    )
-    done = manifest.done_records(out_url, names)
-    selected = set(names) if shards is None else parse_shard_selection(shards, names)
-    todo = [it for it in plan.items if it.shard in selected and it.shard not in done]
-    log(
-        f"{label}: {len(names)} shards, {len(done)} already committed, {len(todo)} to run -> {out_url}"
-    )
-    records: dict[str, ShardRecord] = dict(done)
-    bar = _progress(len(selected), len(selected & set(done)), label)
-    rows = tokens = 0
-    started = time.monotonic()
-
-    def on_done(record: ShardRecord) -> None:
-        nonlocal rows, tokens
-        records[record.name] = record
-        rows += record.rows
-        tokens += record.stats.get("tokens", 0)
-        bar.update(1)
-        postfix: dict[str, Any] = {"docs": rows}
-        if tokens:
-            postfix["tok/s"] = f"{tokens / max(time.monotonic() - started, 1e-9):.0f}"
-        bar.set_postfix(postfix)
-
-    try:
-        if todo:
-            stage.setup(cfg, plan)
-        pool = stage.actor_pool(cfg, plan) if todo else None
-        if cfg.ray.executor == "inline":
-            _run_inline(cfg, stage, out_url, todo, on_done)
-        elif pool is not None:
-            _run_on_actors(cfg, stage, out_url, todo, on_done, pool=pool)
-        else:
-            # CPUs and custom resources per task come from the stage's own config section.
-            section = getattr(cfg, stage.name, None)
-            _run_on_ray(
-                cfg,
-                stage,
-                out_url,
-                todo,
-                on_done,
-                num_cpus=float(getattr(section, "num_cpus", 0.5)),
-                resources=dict(getattr(section, "resources", {})),
-            )
-    finally:
-        bar.close()
-    complete = all(n in records for n in names)
-    if complete:
-        # Every shard write has returned (we hold all their records): only now the manifest.
-        manifest.write_manifest(
-            out_url,
-            stage=label,
-            fingerprint=plan.fingerprint,
-            config=plan.config,
-            inputs=plan.inputs,
-            records=[records[n] for n in names],
-        )
-        log(f"{label}: committed {len(names)} shards, {sum(r.rows for r in records.values())} rows")
-    else:
-        log(
-            f"{label}: {len(records)} of {len(names)} shards committed; run again without --shards to finish"
-        )
-    return RunResult(
-        label,
-        len(names),
-        len(done),
-        len(todo),
-        complete,
-        tuple(records[n] for n in names if n in records),
     )

@@ -10,6 +10,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fusion_etl import storage
 from fusion_etl.errors import InputDataError
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "extract_schema",
     "footer_metadata",
     "list_rows",
+    "open_parquet",
     "parquet_bytes",
     "write_parquet",
 ]
@@ -77,6 +79,16 @@ def write_parquet(
         if extra:
             writer.add_key_value_metadata(dict(extra))
     return rows
+
+
+def open_parquet(url: str) -> pq.ParquetFile:
+    """A Parquet file to read in runs of rows (object stores: ranged reads, no full download);
+    close it when done."""
+    fs, path = storage.filesystem(url)
+    try:
+        return pq.ParquetFile(fs.open(path, "rb"))
+    except FileNotFoundError:
+        raise InputDataError(f"{url} does not exist") from None
 
 
 def footer_metadata(parquet_file: pq.ParquetFile) -> dict[str, str]:

@@ -29,6 +29,7 @@ __all__ = [
     "configure",
     "exists",
     "filesystem",
+    "fsspec_options",
     "glob",
     "join",
     "list_files",
@@ -62,22 +63,32 @@ def _protocol(url: str) -> str:
     return {"s3a": "s3", "local": "file"}.get(proto, proto)
 
 
+def _s3_options() -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "anon": _options.anon,
+        # Listings are never cached: shards appear while we run.
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+    }
+    if _options.endpoint_url:
+        kwargs["endpoint_url"] = _options.endpoint_url
+    if _options.profile:
+        kwargs["profile"] = _options.profile
+    if _options.region:
+        kwargs["client_kwargs"] = {"region_name": _options.region}
+    return kwargs
+
+
+def fsspec_options(url: str) -> dict[str, Any]:
+    """The keyword arguments `fsspec.url_to_fs(url, **options)` needs to reach `url` the way
+    this module does (for libraries that open URLs themselves, e.g. torch's DCP reader)."""
+    return _s3_options() if _protocol(url) == "s3" else {}
+
+
 @lru_cache(maxsize=16)
 def _filesystem(protocol: str) -> Any:
     if protocol == "s3":
-        kwargs: dict[str, Any] = {
-            "anon": _options.anon,
-            # Listings are never cached: shards appear while we run.
-            "use_listings_cache": False,
-            "skip_instance_cache": True,
-        }
-        if _options.endpoint_url:
-            kwargs["endpoint_url"] = _options.endpoint_url
-        if _options.profile:
-            kwargs["profile"] = _options.profile
-        if _options.region:
-            kwargs["client_kwargs"] = {"region_name": _options.region}
-        return fsspec.filesystem("s3", **kwargs)
+        return fsspec.filesystem("s3", **_s3_options())
     try:
         return fsspec.filesystem(protocol)
     except (ImportError, ValueError) as exc:

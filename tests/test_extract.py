@@ -33,7 +33,7 @@ def _cfg(kit: Any, run_dir: Path, *overrides: str, sources: int = 3) -> Pipeline
         "run_dir": str(run_dir),
         "target": {"name": "target", "path": str(kit.target.path)},
         "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources[:sources]],
-        "prepare": {"input": str(kit.corpus_dir), "block_size": 256},
+        "prepare": {"input": str(kit.corpus_dir), "block_size": 256, "shard_docs": 12},
         "extract": {"dtype": "float32"},
         "ray": {"num_cpus": 2},
     }
@@ -207,6 +207,28 @@ def _full_logprobs(path: str, table: pa.Table) -> np.ndarray:
                 torch.log_softmax(lm(torch.tensor([ids])).logits[0].float(), dim=-1).numpy()
             )
     return np.concatenate(rows)
+
+
+def test_a_shard_is_written_in_runs_equal_to_one_run(
+    prepared: Path, tmp_path: Path, test_kit: Any
+) -> None:
+    # batch_tokens=1: one document per forward pass, so how documents are grouped into runs
+    # cannot change a single bit of the scores; only the memory held at once differs.
+    common = ("extract.backend=transformers", "extract.batch_tokens=1")
+    runs_dir, one_dir = _fresh(prepared, tmp_path, "runs"), _fresh(prepared, tmp_path, "one")
+    assert run_stage(
+        ExtractStage(), _cfg(test_kit, runs_dir, *common, "extract.docs_per_call=7", sources=0)
+    ).complete
+    assert run_stage(
+        ExtractStage(), _cfg(test_kit, one_dir, *common, "extract.docs_per_call=100000", sources=0)
+    ).complete
+    shards = read_manifest(str(runs_dir / "extract" / "target"), stage="extract").shard_urls()
+    for url in shards:
+        runs, one = pq.ParquetFile(url), pq.ParquetFile(url.replace("/runs/", "/one/"))
+        assert runs.metadata.num_rows == one.metadata.num_rows > 7
+        assert runs.metadata.num_row_groups == -(-runs.metadata.num_rows // 7)
+        assert one.metadata.num_row_groups == 1
+        assert runs.read().equals(one.read())
 
 
 def test_bad_input_is_reported_before_work(prepared: Path, tmp_path: Path, test_kit: Any) -> None:
