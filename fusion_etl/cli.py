@@ -12,7 +12,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fusion_etl import console, manifest, storage
 from fusion_etl.config import PipelineConfig, load_config, parse_config, to_dict
@@ -43,8 +43,15 @@ def demo_config(run_dir: str = "runs/demo", *, size: str = "demo", seed: int = 0
             {"name": "src_neox", "path": f"{kit}/src_neox"},
             {"name": "src_gpt2", "path": f"{kit}/src_gpt2"},
         ],
-        # Pieces of at most block_size - margin tokens (+ EOS) must fit the kit's context.
-        "prepare": {"input": f"{kit}/corpus", "block_size": 512 if size == "demo" else 256},
+        # Pieces of at most block_size - margin tokens (+ EOS) must fit the kit's context;
+        # small shards keep several units of work in a tiny corpus.
+        "prepare": {
+            "input": f"{kit}/corpus",
+            "block_size": 512 if size == "demo" else 256,
+            "shard_docs": 64 if size == "demo" else 12,
+        },
+        # Small row groups: the units the training workers shuffle and share out.
+        "align_fuse": {"row_group_docs": 16},
         # Tiny models learn at far larger rates than the paper's 1e-5 for 7B models.
         "train": {
             "block_size": 256,
@@ -79,9 +86,9 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fusion_etl.stages import STAGES
+    from fusion_etl.stages import EXTRA_STAGES, STAGES
 
-    stage_list = ", ".join(STAGES)
+    stage_list = ", ".join([*STAGES, *EXTRA_STAGES])
     parser = argparse.ArgumentParser(
         prog="fusion-etl",
         description="Knowledge fusion of LLMs (FuseLLM) as a resumable Ray pipeline over object storage.",
@@ -93,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run one stage or all of them",
-        description=f"Run a stage ({stage_list}) or 'all' of them in order. Committed shards are skipped.",
+        description=f"Run a stage ({stage_list}) or 'all' of the pipeline's in order ({', '.join(STAGES)}; "
+        "merge runs only when named). Committed shards are skipped.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -103,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace output made with a different configuration; stages whose configuration did not change are kept",
+    )
+    run.add_argument(
+        "--until",
+        metavar="STAGE",
+        help="with 'all': stop after this stage, e.g. --until align_fuse for the data plane only",
     )
     run.add_argument(
         "--shards",
@@ -118,6 +131,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--stage", default="all", metavar="STAGE", help=f"one of: {stage_list}, all (default)"
+    )
+    plan.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the job's cost instead: per stage documents, tokens per model, shards, work "
+        "units, stored bytes and GPU-/CPU-hours, each marked measured, sampled, given, assumed "
+        "or estimated (figures in the config's estimate: section); needs no weights and no GPU",
     )
     _add_config_args(plan)
 
@@ -156,6 +176,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_verbose(demo)
     demo.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    memory = sub.add_parser(
+        "memory",
+        help="the training memory plan per worker; exit 2 if it does not fit",
+        description="Print, per training worker, the memory of parameters, gradients, optimizer state, "
+        "activations (with and without activation checkpointing), logits and the fused-target tensors "
+        "for train.micro_batch x train.block_size tokens, and the total against train.gpu_memory_gib "
+        "(default: the memory of train.accelerator_type, else 80 GiB). Needs only the target's "
+        "config.json: no storage, no sources, no weights. Exit 0 if the plan fits, 2 (naming the "
+        "fixes) if not; `run train`, `run all` and `submit` refuse such a plan before starting.",
+    )
+    _add_config_args(memory)
 
     jid = sub.add_parser(
         "job-id",
@@ -203,43 +235,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stage_names(stage: str) -> list[str]:
-    from fusion_etl.stages import STAGES, lookup
-
-    if stage == "all":
-        return list(STAGES)
-    lookup(stage)
-    return [stage]
-
-
 def _run(
     cfg: PipelineConfig,
     stage: str,
     *,
     overwrite: bool,
     shards: str | None,
+    until: str | None = None,
     show_results: bool = True,
 ) -> int:
-    from fusion_etl.runner import run_stage
-    from fusion_etl.stages import get_stage, lookup
-    from fusion_etl.stages.evaluate import EvaluateStage
-    from fusion_etl.stages.train import TrainStage
+    from fusion_etl.pipeline import run_stages, stage_names
 
-    names = _stage_names(stage)
+    names = stage_names(stage, until)
     if shards is not None and stage == "all":
         raise UserError("--shards needs a single stage, not 'all'")
+    if "train" in names:
+        from fusion_etl.stages.train import check_memory
+
+        check_memory(cfg)  # before any work: a plan that cannot fit is refused up front
     started = time.monotonic()
-    for name in names:
-        whole = lookup(name)
-        if isinstance(whole, TrainStage | EvaluateStage):
-            if shards is not None:
-                raise UserError(f"--shards does not apply to {name!r}, which is not sharded")
-            result = whole.run(cfg, overwrite=overwrite)
-        else:
-            st = get_stage(name)
-            result = run_stage(st, cfg, overwrite=overwrite, shards=shards)
-        if not result.complete:
-            return 0 if shards is not None else 1
+    if not run_stages(cfg, names, overwrite=overwrite, shards=shards):
+        return 0 if shards is not None else 1
     print(f"done in {time.monotonic() - started:.1f} s: {', '.join(names)} -> {cfg.run_dir}")
     if show_results and "evaluate" in names:
         _print_results(cfg)
@@ -254,15 +270,20 @@ def _print_results(cfg: PipelineConfig) -> None:
 
 
 def _plan(cfg: PipelineConfig, stage: str) -> int:
-    from fusion_etl.stages import get_stage, lookup
-    from fusion_etl.stages.evaluate import EvaluateStage
+    from fusion_etl.pipeline import stage_names
+    from fusion_etl.stages import WholeStage, get_stage, is_whole, lookup
     from fusion_etl.stages.train import TrainStage
 
-    for name in _stage_names(stage):
+    storage.configure(cfg.storage)
+    for name in stage_names(stage):
         whole = lookup(name)
         try:
-            if isinstance(whole, TrainStage | EvaluateStage):
-                out, fp, _ = whole.describe(cfg)
+            if isinstance(whole, TrainStage):
+                from fusion_etl.stages.train import train_memory_plan
+
+                print(train_memory_plan(cfg).render())
+            if is_whole(whole):
+                out, fp, _ = cast(WholeStage, whole).describe(cfg)
                 _print_plan(name, out, fp, None)
                 continue
             plans = get_stage(name).plan(cfg)
@@ -271,6 +292,22 @@ def _plan(cfg: PipelineConfig, stage: str) -> int:
             continue
         for plan in plans:
             _print_plan(name, plan.output, plan.fingerprint, [it.shard for it in plan.items])
+    return 0
+
+
+def _estimate(cfg: PipelineConfig, config_path: str, stage: str) -> int:
+    from fusion_etl.estimate import Estimate, estimate, render
+    from fusion_etl.pipeline import stage_names
+
+    names = stage_names(stage)
+    result = estimate(cfg)
+    if stage != "all":
+        result = Estimate(
+            rows=tuple(r for r in result.rows if r.stage in names),
+            notes=result.notes,
+            assumptions=result.assumptions,
+        )
+    print(render(result, title=f"cost estimate: {config_path} (run_dir {cfg.run_dir})"))
     return 0
 
 
@@ -477,13 +514,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_storage(cfg)
             return _status(cfg.run_dir)
         cfg = load_config(args.config, args.overrides)
+        if args.command == "memory":
+            from fusion_etl.stages.train import check_memory, train_memory_plan
+
+            print(train_memory_plan(cfg).render())
+            check_memory(cfg, breakdown=False)
+            return 0
         if args.command in ("job-id", "submit"):
             from fusion_etl.jobs import job_id, submit
+            from fusion_etl.pipeline import stage_names
 
-            _stage_names(args.stage)
+            stage_names(args.stage)
             if args.command == "job-id":
                 print(job_id(args.stage, cfg, overwrite=args.overwrite))
                 return 0
+            if args.stage in ("train", "all"):
+                from fusion_etl.stages.train import check_memory
+
+                check_memory(cfg)
             runtime_env = args.runtime_env
             if runtime_env is None and os.path.exists(
                 os.path.join(args.working_dir, "jobs", "runtime_env.yaml")
@@ -512,10 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg.run_dir,
                 f"run-{args.stage}",
                 args.verbose,
-                lambda: _run(cfg, args.stage, overwrite=args.overwrite, shards=args.shards),
+                lambda: _run(
+                    cfg, args.stage, overwrite=args.overwrite, shards=args.shards, until=args.until
+                ),
             )
         if args.command == "plan":
             _check_storage(cfg)
+            if args.estimate:
+                return _estimate(cfg, args.config, args.stage)
             return _plan(cfg, args.stage)
     except UserError as exc:
         # One line, whatever a library put in the message.

@@ -28,9 +28,12 @@ from fusion_etl.errors import ConfigError
 
 __all__ = [
     "AlignFuseConfig",
+    "EnsembleConfig",
+    "EstimateConfig",
     "EvaluateConfig",
     "ExtractConfig",
     "KitConfig",
+    "MergeConfig",
     "ModelConfig",
     "PipelineConfig",
     "PrepareConfig",
@@ -98,6 +101,10 @@ class RayConfig:
     """A run holds a lease on each output folder it writes, renewed every ttl/3; a second run
     is refused while it is live. A dead holder's lease expires after this (at once when the
     holder was a process on this host that is gone)."""
+    schedule: Literal["pipelined", "concurrent", "staged"] = "pipelined"
+    """`staged`: one output folder (one model) at a time, one stage after the other;
+    `concurrent`: a stage's folders at once (extract: every model with its own actor pool);
+    `pipelined`: also, in `run all`, align_fuse of a shard as soon as every model committed it."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,11 @@ class PrepareConfig:
     """Tokens kept free in each block (EOS, and room the reference keeps)."""
     on_invalid_utf8: Literal["error", "skip"] = "error"
     """`skip` drops undecodable lines and counts them in the shard record."""
+    shard_docs: int = 4096
+    """At most this many input documents per prepared shard (the unit of work downstream)."""
+    shard_bytes: int = 4 * 2**20
+    """At most about this many bytes of input per shard (4 MiB: minutes of 7B GPU work; see
+    `fusion_etl.stages.prepare`); a larger single document gets a shard of its own."""
     num_cpus: float = field(default=0.5, metadata=_RUNTIME)
     """CPUs reserved per shard task (below 1 so that Ray's own read tasks never starve)."""
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
@@ -177,7 +189,9 @@ class ExtractConfig:
     logprob_dtype: Literal["float16", "float32"] = "float16"
     """Stored log-prob precision (computation is always fp32)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Model weights/activations: auto = bf16 on GPUs that support it, fp32 on CPU."""
+    """Model weights/activations, the same for both backends: auto = float32 on CPU, bfloat16
+    on GPU (a GPU without bfloat16 is refused: set float16). The resolved dtype is in the
+    fingerprint and in each shard's metadata (`fusion_etl.dtype`)."""
     add_eos: bool = True
     add_bos: bool = False
     max_length: int = 0
@@ -194,7 +208,8 @@ class ExtractConfig:
     batch_tokens: int = field(default=8192, metadata=_RUNTIME)
     """transformers backend: padded tokens per forward pass."""
     docs_per_call: int = field(default=256, metadata=_RUNTIME)
-    """Documents handed to the scorer at once (bounds memory of one shard's results)."""
+    """Documents read, scored and written at once: one Parquet row group of an extracted
+    shard, so a worker's memory is bounded by this, not by the shard's size."""
     seed: int = 0
     vllm: VllmConfig = VllmConfig()
 
@@ -227,9 +242,12 @@ class TrainConfig:
 
     lam: float = 0.9
     """lambda in  lambda * CLM + (1 - lambda) * fusion; 1.0 is plain continual training."""
+    topk_mass: Literal["renormalize", "rest"] = "renormalize"
+    """The teacher's mass outside its top-k: rescale the k probabilities to 1 (the reference),
+    or keep it as one more category the student must match (`fusion_etl.train.loss`)."""
     block_size: int = 2048
     keep_remainder: bool = True
-    """Train the last, partial block (padded and masked) as the reference does, or drop it."""
+    """Train each worker's last, partial block (padded and masked) as the reference does, or drop it."""
     micro_batch: int = 1
     """Blocks per worker per forward pass."""
     grad_accum: int = 1
@@ -244,22 +262,51 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere."""
+    """auto: bf16 on GPUs that support it, fp32 elsewhere. fsdp: bf16 parameters and compute with
+    fp32 gradient reduction and fp32 master weights; ddp: bf16 autocast."""
     seed: int = 0
+    """Seeds the data order (with `shuffle`) and everything random in training."""
+    shuffle: bool = True
+    """Deterministic shuffle of the fused data for `seed`: row groups over the whole dataset,
+    documents within windows of `shuffle_window` row groups; off: manifest order."""
+    shuffle_window: int = 4
+    """Row groups whose documents are shuffled together on a worker (held in memory at once)."""
+    strategy: Literal["auto", "fsdp", "ddp"] = "auto"
+    """fsdp (PyTorch FSDP2, `fully_shard` on every decoder layer and the root: parameters,
+    gradients and optimizer state sharded over the workers) or ddp (every worker holds
+    everything); auto: fsdp with more than one worker."""
+    activation_checkpointing: bool = field(default=False, metadata=_RUNTIME)
+    """Recompute each decoder layer's activations in the backward pass (less memory, ~30% more
+    compute; the same results)."""
+    cpu_offload: bool = field(default=False, metadata=_RUNTIME)
+    """fsdp on GPUs: keep parameters, gradients and optimizer state in host memory."""
+    gpu_memory_gib: float = field(default=0.0, metadata=_RUNTIME)
+    """Memory of one training accelerator for the memory plan; 0: from accelerator_type, else 80."""
+    accelerator_type: str | None = field(default=None, metadata=_RUNTIME)
+    """Ray accelerator type of the training GPUs (e.g. `A100-80G`, `H100`): workers are pinned to
+    it and the memory plan takes its memory."""
     checkpoint_every: int = field(default=50, metadata=_RUNTIME)
     """Steps between checkpoints (and always after the last step)."""
+    log_every: int = field(default=10, metadata=_RUNTIME)
+    """Steps between progress lines (loss, tokens/s)."""
     storage_path: str = ""
     """Where Ray Train keeps checkpoints (any fsspec URL); default: <run_dir>/train/ray."""
     run_name: str = "fusion"
     output: str = ""
     """Where the final model goes (save_pretrained + tokenizer); default: <run_dir>/train/model."""
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the exported weights; auto: the target checkpoint's own."""
+    export_shard_gib: float = field(default=5.0, metadata=_RUNTIME)
+    """Largest safetensors file of the export (and the most rank 0 gathers at once)."""
     num_workers: int = field(default=1, metadata=_RUNTIME)
     use_gpu: bool = field(default=False, metadata=_RUNTIME)
     cpus_per_worker: float = field(default=0.5, metadata=_RUNTIME)
-    """Below 1 on small machines: Ray Data's read tasks need CPUs beside the workers."""
+    """Below 1 on small machines, so that the driver's own work keeps a CPU."""
     gpus_per_worker: float = field(default=1.0, metadata=_RUNTIME)
     resources: dict[str, float] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
     """Custom Ray resources per training worker, e.g. {train_gpu: 1}."""
+    env_vars: dict[str, str] = field(default_factory=dict, hash=False, metadata=_RUNTIME)
+    """Environment of the training worker processes (e.g. NCCL_* settings)."""
 
 
 @dataclass(frozen=True)
@@ -272,8 +319,99 @@ class EvaluateConfig:
     domain_field: str = "domain"
     models: tuple[ModelConfig, ...] = ()
     """Models to score; default: the target before training, the trained target, the sources."""
+    ensembles: tuple[EnsembleConfig, ...] = ()
+    """Ensembles scored after the models (each a row of the results)."""
     max_length: int = 0
     """Window in tokens for long texts; 0: the model's max_position_embeddings."""
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    """Figures for `fusion-etl plan --estimate` (they change no stage's output).
+
+    Throughput comes from FLOPs: a forward pass costs 2 x parameters FLOPs per token and a
+    training step 6 x parameters, at `mfu` of the device's peak and slowed by the measured
+    overhead of this pipeline over the bare operation (the benchmarks). A figure measured in a
+    finished stage (its shard seconds, tokens, bytes) always replaces the modelled one.
+    """
+
+    sample_bytes: int = 8 * 2**20
+    """Text read from the corpus (or prepared shards) to estimate documents and tokens."""
+    corpus_documents: int = 0
+    """Documents in prepare.input, for a corpus that cannot be read from here (0: read it)."""
+    corpus_bytes: int = 0
+    """UTF-8 bytes of text in prepare.input, with corpus_documents."""
+    corpus_files: int = 0
+    """Files in prepare.input, with corpus_documents (0: unknown)."""
+    bytes_per_token: float = 4.0
+    """Text bytes per token for a model whose tokenizer cannot be loaded here (assumed)."""
+    parameters: dict[str, float] = field(default_factory=dict, hash=False)
+    """Parameters per model name, for a model whose config.json cannot be read here."""
+    gpu_flops: float = 312e12
+    """Peak dense bf16 FLOP/s of one GPU (A100: 312e12, H100 SXM: 989e12, A10G: 70e12)."""
+    extract_gpu_flops: float = 0.0
+    """The extract GPUs' peak if they differ (0: gpu_flops)."""
+    cpu_flops: float = 1.4e11
+    """FLOP/s that one CPU worker really gets on a forward pass (measured here: an 8.3M Llama
+    at 8,447 tok/s on 2 cores), used where a stage runs without GPUs."""
+    extract_mfu: float = 0.35
+    """Share of peak FLOP/s that prefill-only scoring reaches on a GPU (assumed)."""
+    extract_overhead: float = 1.15
+    """Extraction time over a bare forward pass (`fusion-etl bench extract`: at most 1.15)."""
+    tokens_per_s: dict[str, float] = field(default_factory=dict, hash=False)
+    """Measured extraction tokens/s of one actor, per model name (replaces the FLOP model)."""
+    train_mfu: float = 0.40
+    """Share of peak FLOP/s that training reaches (assumed)."""
+    train_overhead: float = 1.10
+    """Fusion step time over a CLM-only step (`fusion-etl bench train`: 1.08, goal 1.10)."""
+    align_fuse_tokens_per_cpu_s: float = 15_000.0
+    """Target tokens that align_fuse handles per CPU-second per source (measured on a demo
+    shard in a warm worker: 24,844 target tokens, 3 sources, 0.53 s)."""
+    align_fuse_bytes_per_token: float = 0.0
+    """Stored bytes per fused target token (0: from the fused top-k and the demo's ratio)."""
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """`merge`: weight merging of same-architecture models into one `save_pretrained` model
+    (run on its own: `fusion-etl run merge`; `all` does not include it)."""
+
+    method: Literal["linear", "task_arithmetic", "ties", "sce"] = "linear"
+    """See `fusion_etl.merging`: averaging, task arithmetic, TIES, or FuseChat's SCE."""
+    models: tuple[ModelConfig, ...] = ()
+    base: ModelConfig | None = None
+    """The model the task vectors are taken against (task_arithmetic, ties, sce)."""
+    weights: tuple[float, ...] = ()
+    """One per model; empty: from `weighting`."""
+    weighting: Literal["uniform", "performance"] = "uniform"
+    """performance: softmax(-bits per byte / temperature) of each model on `validation`."""
+    validation: str = ""
+    """jsonl files (field `text`) for performance weights; never the evaluation's held-out text."""
+    temperature: float = 0.1
+    scale: float = 1.0
+    """Multiplies the merged task vector."""
+    density: float = 0.2
+    """ties: fraction of each task vector kept."""
+    select: float = 0.1
+    """sce: fraction of elements selected by their variance across the models."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the merged weights; auto: the first model's."""
+    output: str = ""
+    """Where the merged model goes; default: <run_dir>/merge/model."""
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Several models with one tokenizer scored as one: next-token probabilities averaged."""
+
+    name: str
+    models: tuple[ModelConfig, ...]
+    weights: tuple[float, ...] = ()
+    """One per model; empty: from `weighting`."""
+    weighting: Literal["uniform", "performance"] = "uniform"
+    validation: str = ""
+    """jsonl files (field `text`) for performance weights; never the held-out text."""
+    temperature: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -289,9 +427,11 @@ class PipelineConfig:
     align_fuse: AlignFuseConfig = AlignFuseConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    merge: MergeConfig = MergeConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     kit: KitConfig | None = None
+    estimate: EstimateConfig = EstimateConfig()
 
     @property
     def models(self) -> tuple[ModelConfig, ...]:
@@ -436,6 +576,9 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("margin", f"must be in [0, block_size), got {obj.margin}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
+        for name in ("shard_docs", "shard_bytes"):
+            if getattr(obj, name) < 1:
+                fail(name, f"must be at least 1, got {getattr(obj, name)}")
     if isinstance(obj, ExtractConfig):
         if obj.top_k < 1:
             fail("top_k", f"must be at least 1, got {obj.top_k}")
@@ -447,6 +590,8 @@ def _validate(obj: Any, prefix: str) -> None:
             )
         if obj.actors < 1:
             fail("actors", f"must be at least 1, got {obj.actors}")
+        if obj.docs_per_call < 1:
+            fail("docs_per_call", f"must be at least 1, got {obj.docs_per_call}")
         if obj.num_cpus <= 0:
             fail("num_cpus", f"must be positive, got {obj.num_cpus}")
     if isinstance(obj, AlignFuseConfig):
@@ -466,6 +611,8 @@ def _validate(obj: Any, prefix: str) -> None:
             "epochs",
             "num_workers",
             "checkpoint_every",
+            "log_every",
+            "shuffle_window",
         ):
             if getattr(obj, name) < 1:
                 fail(name, f"must be at least 1, got {getattr(obj, name)}")
@@ -481,6 +628,55 @@ def _validate(obj: Any, prefix: str) -> None:
                 f"{obj.run_name!r} must use letters, digits, '_', '-' or '.' and start with a "
                 "letter or digit (it names a folder)",
             )
+        if obj.gpu_memory_gib < 0:
+            fail(
+                "gpu_memory_gib",
+                f"must be 0 (from accelerator_type) or positive, got {obj.gpu_memory_gib}",
+            )
+        if obj.export_shard_gib <= 0:
+            fail("export_shard_gib", f"must be positive, got {obj.export_shard_gib}")
+        if obj.cpu_offload and obj.strategy == "ddp":
+            fail("cpu_offload", "needs train.strategy fsdp (or auto with more than one worker)")
+    if isinstance(obj, MergeConfig | EnsembleConfig):
+        if obj.weights and len(obj.weights) != len(obj.models):
+            fail("weights", f"{len(obj.weights)} weights for {len(obj.models)} models")
+        if any(w < 0 for w in obj.weights) or (obj.weights and sum(obj.weights) <= 0):
+            fail("weights", "must be non-negative and not all zero")
+        if obj.temperature <= 0:
+            fail("temperature", f"must be positive, got {obj.temperature}")
+        if obj.weighting == "performance" and not obj.weights and not obj.validation:
+            fail("validation", "performance weighting needs validation text (jsonl with `text`)")
+    if isinstance(obj, MergeConfig):
+        if obj.method != "linear" and obj.models and obj.base is None:
+            fail("base", f"method {obj.method!r} takes task vectors against a base model: set it")
+        if not 0 < obj.density <= 1:
+            fail("density", f"must be in (0, 1], got {obj.density}")
+        if not 0 < obj.select <= 1:
+            fail("select", f"must be in (0, 1], got {obj.select}")
+    if isinstance(obj, EnsembleConfig):
+        if len(obj.models) < 2:
+            fail("models", "an ensemble needs at least two models")
+        if not re.fullmatch(r"[A-Za-z0-9_.:+ ()-]+", obj.name):
+            fail("name", f"{obj.name!r}: letters, digits, spaces and _.:+-() only")
+    if isinstance(obj, EstimateConfig):
+        for name in (
+            "sample_bytes",
+            "bytes_per_token",
+            "gpu_flops",
+            "cpu_flops",
+            "extract_mfu",
+            "extract_overhead",
+            "train_mfu",
+            "train_overhead",
+            "align_fuse_tokens_per_cpu_s",
+        ):
+            if getattr(obj, name) <= 0:
+                fail(name, f"must be positive, got {getattr(obj, name)}")
+        for name in ("extract_mfu", "train_mfu"):
+            if getattr(obj, name) > 1:
+                fail(name, f"is a fraction of peak FLOP/s, at most 1; got {getattr(obj, name)}")
+        if (obj.corpus_documents > 0) != (obj.corpus_bytes > 0):
+            fail("corpus_documents", "set both corpus_documents and corpus_bytes, or neither")
     if isinstance(obj, ModelConfig) and not _SAFE_NAME.fullmatch(obj.name):
         # It names folders (extract/<name>/, vocab_map/<name>.parquet): '..' or a leading '.'
         # or '_' could point outside the run or onto fusion-etl's own `_shards`, `_leases`.

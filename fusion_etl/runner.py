@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
@@ -26,14 +26,17 @@ from fusion_etl.schema import parquet_bytes, write_parquet
 
 __all__ = [
     "ActorPool",
+    "PlanRun",
     "RunResult",
     "ShardOutput",
     "Stage",
     "StagePlan",
     "WorkItem",
+    "combine",
     "log",
     "make_plan",
     "parse_shard_selection",
+    "run_plans",
     "run_stage",
 ]
 
@@ -211,28 +214,24 @@ def _resolve(ref: str) -> Stage:
     return stage
 
 
-def _commit_by_ref(cfg: PipelineConfig, ref: str, out_url: str, item: WorkItem) -> ShardRecord:
-    return commit_shard(cfg, _resolve(ref), out_url, item)
+STARTED = "fusion-etl:started"
 
 
-_STARTED = "fusion-etl:started"
-
-
-def _commit_stream(
+def commit_stream(
     cfg: PipelineConfig, ref: str, out_url: str, item: WorkItem
 ) -> Iterator[ShardRecord | str]:
     """A shard's commit on a worker, as a stream: first a mark that the attempt has started
     (the time limit runs from here, not from when it was queued, so waiting for a worker or a
     new node never counts), then its record."""
-    yield _STARTED
-    yield _commit_by_ref(cfg, ref, out_url, item)
+    yield STARTED
+    yield commit_shard(cfg, _resolve(ref), out_url, item)
 
 
-def _reraise(exc: Any, item: WorkItem) -> NoReturn:
+def reraise(exc: Any, label: str, item: WorkItem) -> NoReturn:
     """A worker's exception, with the shard named when it is the user's to fix."""
     cause = getattr(exc, "cause", None)
     if isinstance(cause, UserError):
-        raise type(cause)(f"shard {item.shard}: {cause}") from None
+        raise type(cause)(f"{label}: shard {item.shard}: {cause}") from None
     raise exc
 
 
@@ -265,197 +264,159 @@ def parse_shard_selection(spec: str, names: Sequence[str]) -> set[str]:
     return chosen
 
 
-def _run_inline(
-    cfg: PipelineConfig,
-    stage: Stage,
-    out_url: str,
-    todo: Iterable[WorkItem],
-    on_done: Callable[[ShardRecord], None],
-) -> None:
-    for item in todo:
-        on_done(commit_shard(cfg, stage, out_url, item))
+class PlanRun:
+    """One plan being run: opened (its output folder's lease taken, done shards found,
+    progress shown), then fed records as shards return, then closed (the manifest, once every
+    shard has returned; the lease given back)."""
 
+    def __init__(
+        self,
+        stage: Stage,
+        cfg: PipelineConfig,
+        plan: StagePlan,
+        *,
+        overwrite: bool,
+        shards: str | None,
+    ) -> None:
+        self.stage = stage
+        self.plan = plan
+        last = plan.output.rstrip("/").split("/")[-1]
+        self.label = stage.name if last == stage.name else f"{stage.name}/{last}"
+        self.names = [it.shard for it in plan.items]
+        if len(set(self.names)) != len(self.names):
+            # A bug, not the user's.
+            raise AssertionError(f"{self.label}: duplicate shard names in plan")
+        self.todo: list[WorkItem] = []
+        self.done: dict[str, ShardRecord] = {}
+        self.records: dict[str, ShardRecord] = {}
+        self.committed: set[str] = set()
+        """Shards committed before this run (all of them when the plan is up to date)."""
+        self.result: RunResult | None = None
+        self._progress: StageProgress | None = None
+        # Every write of this run (shards, records, manifest) happens under the lease: a second
+        # run on the same folder is refused instead of interleaving with this one.
+        self._lease: manifest.StageLease | None = manifest.acquire_lease(
+            plan.output, stage=self.label, fingerprint=plan.fingerprint, ttl_s=cfg.ray.lease_ttl_s
+        )
+        try:
+            self._open(overwrite=overwrite, shards=shards)
+        except BaseException:
+            self._release()
+            raise
 
-def _run_on_ray(
-    cfg: PipelineConfig,
-    stage: Stage,
-    out_url: str,
-    todo: Sequence[WorkItem],
-    on_done: Callable[[ShardRecord], None],
-    *,
-    label: str,
-    num_cpus: float,
-    resources: Mapping[str, float],
-) -> None:
-    from fusion_etl.ray_utils import init_ray
-
-    ray = init_ray(cfg.ray)
-    # A worker that dies (OOM, preemption, a lost node) is retried by Ray; errors in our code
-    # are not.
-    task = ray.remote(
-        num_cpus=num_cpus,
-        resources=dict(resources) or None,
-        max_retries=max(0, cfg.ray.shard_attempts - 1),
-    )(_commit_stream)
-    cfg_ref = ray.put(cfg)
-    ref_name = stage_ref(stage)
-    limit = cfg.ray.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
-    pending: dict[Any, WorkItem] = {}
-    timer = _ShardTimer(cfg, label)
-    queue = list(todo)
-    try:
-        while queue or pending:
-            while queue and len(pending) < limit:
-                item = queue.pop(0)
-                pending[task.remote(cfg_ref, ref_name, out_url, item)] = item
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timer.wait_s())
-            for stream in ready:
-                item = pending[stream]
-                try:
-                    value = ray.get(next(stream))
-                except ray.exceptions.RayTaskError as exc:
-                    pending.pop(stream)
-                    _reraise(exc, item)
-                if value == _STARTED:
-                    timer.start(stream)
-                    continue
-                pending.pop(stream)
-                timer.started.pop(stream, None)
-                on_done(value)
-            for stream in timer.expired(pending):
-                # A hung task: kill its worker process and hand the shard out again.
-                item = pending.pop(stream)
-                ray.cancel(stream, force=True)
-                timer.give_up_or_log(item.shard, "killed its task")
-                queue.insert(0, item)
-    except BaseException:
-        for other in pending:
-            ray.cancel(other)
-        raise
-
-
-class ShardActor:
-    """A long-lived worker; stage state (a loaded model) lives in its process caches."""
-
-    def commit(
-        self, cfg: PipelineConfig, ref: str, out_url: str, item: WorkItem
-    ) -> Iterator[ShardRecord | str]:
-        yield from _commit_stream(cfg, ref, out_url, item)
-
-
-class _ShardTimer:
-    """Attempts per shard, and the time limit of each (`ray.shard_timeout_s`)."""
-
-    def __init__(self, cfg: PipelineConfig, label: str) -> None:
-        self.limit = cfg.ray.shard_timeout_s
-        self.max_attempts = cfg.ray.shard_attempts
-        self.label = label
-        self.started: dict[Any, float] = {}
-        self.attempts: dict[str, int] = {}
-
-    def start(self, ref: Any) -> None:
-        self.started[ref] = time.monotonic()
-
-    def wait_s(self) -> float | None:
-        """How long `ray.wait` may block before the oldest attempt runs out of time."""
-        if self.limit <= 0 or not self.started:
-            return None
-        return max(0.0, min(self.started.values()) + self.limit - time.monotonic())
-
-    def expired(self, pending: Mapping[Any, Any]) -> list[Any]:
-        if self.limit <= 0:
-            return []
-        now = time.monotonic()
-        out = [r for r in pending if now - self.started.get(r, now) >= self.limit]
-        for ref in out:
-            self.started.pop(ref, None)
-        return out
-
-    def give_up_or_log(self, shard: str, action: str, why: str | None = None) -> None:
-        """Count a failed attempt at `shard`; raise once it has had all its attempts."""
-        n = self.attempts[shard] = self.attempts.get(shard, 0) + 1
-        why = why or f"did not finish within ray.shard_timeout_s={self.limit:g} s"
-        if n >= self.max_attempts:
-            raise UserError(
-                f"{self.label}: shard {shard} {why} on each of its {n} attempts (ray.shard_attempts); "
-                "if shards legitimately take this long, raise ray.shard_timeout_s"
-                if why.startswith("did not finish")
-                else f"{self.label}: shard {shard}: {why}, {n} times (ray.shard_attempts)"
+    def _open(self, *, overwrite: bool, shards: str | None) -> None:
+        plan = self.plan
+        if shards is None and manifest.is_finished(plan.output, plan.fingerprint):
+            log(
+                f"{self.label}: up to date ({len(self.names)} shards, fingerprint {plan.fingerprint}); nothing to do"
             )
-        log(
-            f"{self.label}: shard {shard} {why}; {action} and retrying (attempt {n + 1} of {self.max_attempts})"
+            self.committed = set(self.names)
+            self.result = RunResult(self.label, len(self.names), len(self.names), 0, True, ())
+            self._release()
+            return
+        manifest.begin_stage(
+            plan.output,
+            stage=self.label,
+            fingerprint=plan.fingerprint,
+            identity=plan.identity,
+            config=plan.config,
+            overwrite=overwrite,
+        )
+        self.done = manifest.done_records(plan.output, self.names)
+        self.committed = set(self.done)
+        selected = set(self.names) if shards is None else parse_shard_selection(shards, self.names)
+        self.todo = [it for it in plan.items if it.shard in selected and it.shard not in self.done]
+        self.records = dict(self.done)
+        self._progress = StageProgress(
+            self.label, len(selected), len(selected & set(self.done)), plan.output
         )
 
+    def _release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
-def _run_on_actors(
+    def on_done(self, record: ShardRecord) -> None:
+        if self._lease is not None:
+            self._lease.check()
+        self.records[record.name] = record
+        if self._progress is not None:
+            self._progress.update(record.rows, record.stats.get("tokens", 0))
+
+    def close(self) -> RunResult:
+        """Write the manifest if every shard has returned; idempotent."""
+        if self.result is not None:
+            return self.result
+        plan, names, records = self.plan, self.names, self.records
+        complete = all(n in records for n in names)
+        try:
+            if self._progress is not None:
+                self._progress.close()
+            if complete:
+                if self._lease is not None:
+                    self._lease.check()
+                # Every shard write has returned (we hold all their records): only now the
+                # manifest.
+                manifest.write_manifest(
+                    plan.output,
+                    stage=self.label,
+                    fingerprint=plan.fingerprint,
+                    config=plan.config,
+                    inputs=plan.inputs,
+                    records=[records[n] for n in names],
+                )
+            if self._progress is not None:
+                self._progress.finish(sum(r.rows for r in records.values()), complete=complete)
+        finally:
+            self._release()
+        self.result = RunResult(
+            self.label,
+            len(names),
+            len(self.done),
+            len(self.todo),
+            complete,
+            tuple(records[n] for n in names if n in records),
+        )
+        return self.result
+
+    def abort(self) -> None:
+        """Stop showing progress after a failure; committed shards stay, no manifest."""
+        if self.result is None and self._progress is not None:
+            self._progress.close()
+        self._release()
+
+
+def run_plans(
     cfg: PipelineConfig,
-    stage: Stage,
-    out_url: str,
-    todo: Sequence[WorkItem],
-    on_done: Callable[[ShardRecord], None],
+    plans: Sequence[tuple[Stage, StagePlan]],
     *,
-    label: str,
-    pool: ActorPool,
-) -> None:
-    from fusion_etl.ray_utils import init_ray
-
-    ray = init_ray(cfg.ray)
-    actor_cls = ray.remote(ShardActor).options(max_restarts=0, **dict(pool.options))
-    cfg_ref = ray.put(cfg)
-    ref_name = stage_ref(stage)
-    actors = [actor_cls.remote() for _ in range(min(pool.size, len(todo)))]
-    idle = list(actors)
-    queue = list(todo)
-    pending: dict[Any, tuple[Any, WorkItem]] = {}
-    timer = _ShardTimer(cfg, label)
-
-    def replace(actor: Any) -> None:
-        ray.kill(actor)
-        actors.remove(actor)
-        fresh = actor_cls.remote()
-        actors.append(fresh)
-        idle.append(fresh)
-
+    overwrite: bool = False,
+    shards: str | None = None,
+    after: Mapping[int, Sequence[int]] | None = None,
+) -> list[RunResult]:
+    """Run several plans at once (`fusion_etl.scheduler`), each committed as soon as its last
+    shard has returned; `after[i]` lists the plans whose same-named shard plan i needs first.
+    With the inline executor, one after another in the given order."""
+    runs: list[PlanRun] = []
     try:
-        while queue or pending:
-            while queue and idle:
-                actor, item = idle.pop(0), queue.pop(0)
-                pending[actor.commit.remote(cfg_ref, ref_name, out_url, item)] = (actor, item)
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timer.wait_s())
-            for stream in ready:
-                actor, item = pending[stream]
-                try:
-                    value = ray.get(next(stream))
-                except ray.exceptions.RayActorError as exc:
-                    # The process died (OOM, preemption, a lost node, a crash in native code):
-                    # replace it and hand its shard out again. Deterministic shard names make
-                    # the retry safe.
-                    pending.pop(stream)
-                    timer.started.pop(stream, None)
-                    replace(actor)
-                    timer.give_up_or_log(
-                        item.shard, "replaced it", why=f"its actor died ({type(exc).__name__})"
-                    )
-                    queue.insert(0, item)
-                    continue
-                except ray.exceptions.RayTaskError as exc:
-                    _reraise(exc, item)
-                if value == _STARTED:
-                    timer.start(stream)
-                    continue
-                pending.pop(stream)
-                timer.started.pop(stream, None)
-                on_done(value)
-                idle.append(actor)
-            for stream in timer.expired(pending):
-                # A hung actor (a stuck GPU, a deadlock): kill it, hand its shard out again.
-                actor, item = pending.pop(stream)
-                replace(actor)
-                timer.give_up_or_log(item.shard, "killed its actor")
-                queue.insert(0, item)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+        for stage, plan in plans:
+            runs.append(PlanRun(stage, cfg, plan, overwrite=overwrite, shards=shards))
+        if cfg.ray.executor == "inline":
+            for run in runs:
+                if run.todo:
+                    run.stage.setup(cfg, run.plan)
+                for item in run.todo:
+                    run.on_done(commit_shard(cfg, run.stage, run.plan.output, item))
+                run.close()
+        else:
+            from fusion_etl.scheduler import run_concurrently
+
+            run_concurrently(cfg, runs, after=after, on_finished=PlanRun.close)
+    except BaseException:
+        for run in runs:
+            run.abort()
+        raise
+    return [run.close() for run in runs]
 
 
 def run_stage(
@@ -465,124 +426,26 @@ def run_stage(
     overwrite: bool = False,
     shards: str | None = None,
 ) -> RunResult:
-    """Run every plan of a stage to completion (or the selected shards), idempotently."""
+    """Run every plan of a stage to completion (or the selected shards), idempotently: all at
+    once, unless `ray.schedule` is `staged` (then one plan after the other)."""
     storage.configure(cfg.storage)
-    results = [
-        _run_plan(stage, cfg, plan, overwrite=overwrite, shards=shards) for plan in stage.plan(cfg)
-    ]
+    plans = [(stage, plan) for plan in stage.plan(cfg)]
+    if cfg.ray.schedule == "staged":
+        results = [
+            r for p in plans for r in run_plans(cfg, [p], overwrite=overwrite, shards=shards)
+        ]
+    else:
+        results = run_plans(cfg, plans, overwrite=overwrite, shards=shards)
+    return combine(stage.name, results)
+
+
+def combine(stage: str, results: Sequence[RunResult]) -> RunResult:
+    """One result for a stage of several plans."""
     return RunResult(
-        stage=stage.name,
+        stage=stage,
         total=sum(r.total for r in results),
         skipped=sum(r.skipped for r in results),
         ran=sum(r.ran for r in results),
         complete=all(r.complete for r in results),
         records=tuple(rec for r in results for rec in r.records),
-    )
-
-
-def _run_plan(
-    stage: Stage,
-    cfg: PipelineConfig,
-    plan: StagePlan,
-    *,
-    overwrite: bool,
-    shards: str | None,
-) -> RunResult:
-    label = (
-        plan.output.rstrip("/").split("/")[-1]
-        if plan.output.rstrip("/").split("/")[-1] != stage.name
-        else stage.name
-    )
-    label = stage.name if label == stage.name else f"{stage.name}/{label}"
-    out_url = plan.output
-    names = [it.shard for it in plan.items]
-    if len(set(names)) != len(names):
-        raise AssertionError(f"{label}: duplicate shard names in plan")  # a bug, not the user's
-    with manifest.stage_lease(
-        out_url, stage=label, fingerprint=plan.fingerprint, ttl_s=cfg.ray.lease_ttl_s
-    ) as lease:
-        return _run_leased(
-            stage, cfg, plan, label, names, lease, overwrite=overwrite, shards=shards
-        )
-
-
-def _run_leased(
-    stage: Stage,
-    cfg: PipelineConfig,
-    plan: StagePlan,
-    label: str,
-    names: list[str],
-    lease: manifest.StageLease,
-    *,
-    overwrite: bool,
-    shards: str | None,
-) -> RunResult:
-    out_url = plan.output
-    if shards is None and manifest.is_finished(out_url, plan.fingerprint):
-        log(
-            f"{label}: up to date ({len(names)} shards, fingerprint {plan.fingerprint}); nothing to do"
-        )
-        return RunResult(label, len(names), len(names), 0, True, ())
-    manifest.begin_stage(
-        out_url,
-        stage=label,
-        fingerprint=plan.fingerprint,
-        identity=plan.identity,
-        config=plan.config,
-        overwrite=overwrite,
-    )
-    done = manifest.done_records(out_url, names)
-    selected = set(names) if shards is None else parse_shard_selection(shards, names)
-    todo = [it for it in plan.items if it.shard in selected and it.shard not in done]
-    records: dict[str, ShardRecord] = dict(done)
-    progress = StageProgress(label, len(selected), len(selected & set(done)), out_url)
-
-    def on_done(record: ShardRecord) -> None:
-        lease.check()
-        records[record.name] = record
-        progress.update(record.rows, record.stats.get("tokens", 0))
-
-    try:
-        if todo:
-            stage.setup(cfg, plan)
-        pool = stage.actor_pool(cfg, plan) if todo else None
-        if cfg.ray.executor == "inline":
-            _run_inline(cfg, stage, out_url, todo, on_done)
-        elif pool is not None:
-            _run_on_actors(cfg, stage, out_url, todo, on_done, label=label, pool=pool)
-        else:
-            # CPUs and custom resources per task come from the stage's own config section.
-            section = getattr(cfg, stage.name, None)
-            _run_on_ray(
-                cfg,
-                stage,
-                out_url,
-                todo,
-                on_done,
-                label=label,
-                num_cpus=float(getattr(section, "num_cpus", 0.5)),
-                resources=dict(getattr(section, "resources", {})),
-            )
-    finally:
-        progress.close()
-    complete = all(n in records for n in names)
-    if complete:
-        lease.check()
-        # Every shard write has returned (we hold all their records): only now the manifest.
-        manifest.write_manifest(
-            out_url,
-            stage=label,
-            fingerprint=plan.fingerprint,
-            config=plan.config,
-            inputs=plan.inputs,
-            records=[records[n] for n in names],
-        )
-    progress.finish(sum(r.rows for r in records.values()), complete=complete)
-    return RunResult(
-        label,
-        len(names),
-        len(done),
-        len(todo),
-        complete,
-        tuple(records[n] for n in names if n in records),
     )

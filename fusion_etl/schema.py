@@ -10,7 +10,8 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fusion_etl.errors import InputDataError
+from fusion_etl import storage
+from fusion_etl.errors import InputDataError, UserError
 
 __all__ = [
     "PREPARE",
@@ -20,6 +21,7 @@ __all__ = [
     "extract_schema",
     "footer_metadata",
     "list_rows",
+    "open_parquet",
     "parquet_bytes",
     "write_parquet",
 ]
@@ -77,6 +79,17 @@ def write_parquet(
         if extra:
             writer.add_key_value_metadata(dict(extra))
     return rows
+
+
+def open_parquet(url: str) -> pq.ParquetFile:
+    """A Parquet file to read in runs of rows (object stores: ranged reads, no full download);
+    close it when done."""
+    try:
+        return pq.ParquetFile(storage.open_file(url))
+    except UserError as exc:
+        if "does not exist" in str(exc):
+            raise InputDataError(str(exc)) from None
+        raise
 
 
 def footer_metadata(parquet_file: pq.ParquetFile) -> dict[str, str]:

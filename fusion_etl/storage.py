@@ -44,6 +44,7 @@ __all__ = [
     "configure",
     "exists",
     "filesystem",
+    "fsspec_options",
     "glob",
     "join",
     "list_files",
@@ -81,10 +82,38 @@ def _protocol(url: str) -> str:
     return {"s3a": "s3", "local": "file"}.get(proto, proto)
 
 
+def _s3_options() -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "anon": _options.anon,
+        # Listings are never cached: shards appear while we run.
+        "use_listings_cache": False,
+        "skip_instance_cache": True,
+        "config_kwargs": {
+            "connect_timeout": _options.connect_timeout_s,
+            "read_timeout": _options.read_timeout_s,
+            "retries": {"mode": "standard", "total_max_attempts": 1},
+        },
+    }
+    if _options.endpoint_url:
+        kwargs["endpoint_url"] = _options.endpoint_url
+    if _options.profile:
+        kwargs["profile"] = _options.profile
+    if _options.region:
+        kwargs["client_kwargs"] = {"region_name": _options.region}
+    return kwargs
+
+
+def fsspec_options(url: str) -> dict[str, Any]:
+    """The keyword arguments `fsspec.url_to_fs(url, **options)` needs to reach `url` the way
+    this module does (for libraries that open URLs themselves, e.g. torch's DCP reader)."""
+    return _s3_options() if _protocol(url) == "s3" else {}
+
+
 def _is_remote(protocol: str) -> bool:
     return protocol not in ("file", "memory")
 
 
+@lru_cache(maxsize=16)
 def _filesystem(protocol: str) -> Any:
     # Credentials come from the environment: a changed AWS_* variable means a new client.
     aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
@@ -94,24 +123,7 @@ def _filesystem(protocol: str) -> Any:
 @lru_cache(maxsize=16)
 def _cached_filesystem(protocol: str, aws_env: tuple[tuple[str, str], ...]) -> Any:
     if protocol == "s3":
-        kwargs: dict[str, Any] = {
-            "anon": _options.anon,
-            # Listings are never cached: shards appear while we run.
-            "use_listings_cache": False,
-            "skip_instance_cache": True,
-            "config_kwargs": {
-                "connect_timeout": _options.connect_timeout_s,
-                "read_timeout": _options.read_timeout_s,
-                "retries": {"mode": "standard", "total_max_attempts": 1},
-            },
-        }
-        if _options.endpoint_url:
-            kwargs["endpoint_url"] = _options.endpoint_url
-        if _options.profile:
-            kwargs["profile"] = _options.profile
-        if _options.region:
-            kwargs["client_kwargs"] = {"region_name": _options.region}
-        fs = fsspec.filesystem("s3", **kwargs)
+        fs = fsspec.filesystem("s3", **_s3_options())
         fs.retries = 1  # one attempt per call: the retries are ours (see the module docstring)
         return fs
     try:

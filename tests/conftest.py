@@ -75,8 +75,10 @@ def kit_config(kit: Any, run_dir: Path | str, *overrides: str) -> Any:
         "run_dir": str(run_dir),
         "target": {"name": "target", "path": str(kit.target.path)},
         "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources],
-        "prepare": {"input": str(kit.corpus_dir), "block_size": 256},
+        # 38 documents in 4 files: 4 shards, some spanning two files, some files split.
+        "prepare": {"input": str(kit.corpus_dir), "block_size": 256, "shard_docs": 12},
         "extract": {"backend": "transformers", "dtype": "float32", "top_k": 5},
+        "align_fuse": {"row_group_docs": 16},
         "train": {
             "block_size": 64,
             "micro_batch": 4,
@@ -93,13 +95,14 @@ def kit_config(kit: Any, run_dir: Path | str, *overrides: str) -> Any:
 
 @pytest.fixture(scope="session")
 def extracted_run(ray_local: Any, test_kit: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder with prepare and extract done on the test kit (copy it before writing)."""
+    """A run folder with prepare and extract done on the test kit (copy it before writing),
+    staged: one model after the other, the reference that other schedules must equal."""
     from fusion_etl.runner import run_stage
     from fusion_etl.stages.extract import ExtractStage
     from fusion_etl.stages.prepare import PrepareStage
 
     run_dir = tmp_path_factory.mktemp("extracted")
-    cfg = kit_config(test_kit, run_dir)
+    cfg = kit_config(test_kit, run_dir, "ray.schedule=staged")
     assert run_stage(PrepareStage(), cfg).complete
     assert run_stage(ExtractStage(), cfg).complete
     return run_dir
@@ -116,5 +119,7 @@ def fused_run(extracted_run: Path, test_kit: Any, tmp_path_factory: pytest.TempP
     run_dir = tmp_path_factory.mktemp("fused") / "run"
     for stage in ("prepare", "extract"):
         shutil.copytree(extracted_run / stage, run_dir / stage)
-    assert run_stage(AlignFuseStage(), kit_config(test_kit, run_dir)).complete
+    assert run_stage(
+        AlignFuseStage(), kit_config(test_kit, run_dir, "ray.schedule=staged")
+    ).complete
     return run_dir

@@ -1,5 +1,6 @@
-"""Tests of token alignment (fusion_etl.align.dtw): the fast DTW against the pure-Python
-reference (tests/align_reference.py), and the offsets sweep on real tokenizations."""
+"""Tests of token alignment (fusion_etl.align.dtw): the compiled DTW against the two references
+of tests/align_reference.py (pure Python, and the FuseLLM code's own shape with
+`editdistance`), and the offsets sweep on real tokenizations."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fusion_etl.align._dtw_kernel import DIAG, LEFT, UP, dtw_path_indices, dtw_steps
 from fusion_etl.align.dtw import (
-    _accumulated_cost,
-    _backtrace,
+    _distinct_costs,
     align_tokens,
     bench_alignment,
     dtw_cost_matrix,
 )
-from tests.align_reference import levenshtein, reference_dtw
+from tests.align_reference import editdistance_dtw, levenshtein, reference_dtw
 
 if TYPE_CHECKING:
     from fusion_etl.kit.tokenizer_kit import TokenizerKind
@@ -42,9 +43,10 @@ def assert_valid_path(path: AlignPath, n: int, m: int) -> None:
 
 
 def both_dtw(source: Sequence[str], target: Sequence[str]) -> AlignPath:
-    """The fast path, checked equal to the reference's before it is returned."""
+    """The fast path, checked equal to both references' before it is returned."""
     fast = align_tokens(source, target, "dtw")
     assert fast == reference_dtw(source, target)
+    assert fast == editdistance_dtw(source, target)
     return fast
 
 
@@ -139,18 +141,62 @@ def test_empty_sequences_give_an_empty_path() -> None:
     assert align_tokens([], [], "offsets", source_offsets=[], target_offsets=[]) == []
 
 
-def test_large_costs_switch_to_64_bit_arithmetic() -> None:
-    # Costs this large would need tokens of ~10^8 characters; scale a small cost matrix
-    # instead. Scaling keeps every comparison, so the path stays the small matrix's.
+def test_large_costs_accumulate_in_64_bit_arithmetic() -> None:
+    # Costs this large would need tokens of ~10^8 characters; scale a small cost table instead.
+    # Scaling keeps every comparison, so the path stays the small table's; but the sums pass
+    # 2**31, so 32-bit accumulators would wrap and change it.
     source, target = ["a", "b", "ab", "▁", "a"] * 2, ["b", "Ġa", "ba"] * 3
-    small = dtw_cost_matrix(source, target)
-    assert small.max() == 2  # so that the scaled costs still fit the int32 input
-    big = small * np.int32(1_000_000_000)
-    acc = _accumulated_cost(big)
-    assert acc.dtype == np.int64
-    assert acc.max() > np.iinfo(np.int32).max
-    assert _backtrace(acc) == reference_dtw(source, target)
-    assert _accumulated_cost(small).dtype == np.int32
+    distinct, rows, cols = _distinct_costs(source, target)
+    assert distinct.max() == 2  # so that the scaled costs still fit the int32 input
+    big = distinct * np.int32(1_000_000_000)
+    assert big.astype(np.int64)[rows].sum() > np.iinfo(np.int32).max
+    path = dtw_path_indices(big, rows, cols)
+    assert [tuple(p) for p in path.tolist()] == reference_dtw(source, target)
+
+
+def test_steps_are_the_backtrace_moves_of_the_accumulated_table() -> None:
+    # The kernel stores moves, not the table: check them against the table itself.
+    # hello/world vs hel/lo/world: c = [[2,3,4],[4,4,0]], M = [[2,5,9],[6,6,5]].
+    source, target = ["▁hello", "▁world"], ["Ġhel", "lo", "Ġworld"]
+    distinct, rows, cols = _distinct_costs(source, target)
+    steps = dtw_steps(distinct, rows, cols)
+    # Row 0 only goes left; (1,0) only up; (1,1): diag=2 < up=5, left=6; (1,2): diag=5 <
+    # left=6 < up=9.
+    assert steps[0, 1:].tolist() == [LEFT, LEFT]
+    assert steps[1].tolist() == [UP, DIAG, DIAG]
+    # a,b vs a,b,b,b: c = [[0,1,1,1],[1,0,0,0]], M = [[0,1,2,3],[1,0,0,0]]. (1,1): diag=0
+    # < up=1 == left=1; (1,2): left=0 < diag=1 < up=2; (1,3): left=0 < diag=2 < up=3.
+    steps = dtw_steps(*_distinct_costs(["a", "b"], ["a", "b", "b", "b"]))
+    assert steps[1].tolist() == [UP, DIAG, LEFT, LEFT]
+    assert both_dtw(["a", "b"], ["a", "b", "b", "b"]) == [(0, 0), (1, 1), (1, 2), (1, 3)]
+    # a,b,a vs b,a,b (test_tie_between_up_and_left_goes_up): M = [[1,1,2],[1,2,1],[2,1,2]].
+    # (2,2): up=1 ties left=1, both below diag=2: up. (1,1): all three tie at 1: diag.
+    steps = dtw_steps(*_distinct_costs(["a", "b", "a"], ["b", "a", "b"]))
+    assert steps[2, 2] == UP and steps[1, 1] == DIAG
+
+
+def test_kernel_checks_its_indices() -> None:
+    distinct = np.zeros((2, 2), np.int32)
+    with pytest.raises(ValueError, match="outside the"):
+        dtw_path_indices(distinct, np.array([0, 2]), np.array([0]))
+    with pytest.raises(ValueError, match="at least one token"):
+        dtw_path_indices(distinct, np.array([], np.intp), np.array([0]))
+
+
+def test_a_fresh_process_loads_the_compiled_kernel_from_the_cache() -> None:
+    # This process imported the kernel (compiling it if the machine had no cache yet), so a
+    # new one, like every Ray worker after the first on a machine, must only load it.
+    import subprocess
+    import sys
+
+    code = (
+        "from fusion_etl.align import _dtw_kernel as k\n"
+        "s = [k.dtw_steps.stats, k._walk_back.stats]\n"
+        "print(sum(sum(x.cache_hits.values()) for x in s), "
+        "sum(sum(x.cache_misses.values()) for x in s))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "0"], out.stdout + out.stderr
 
 
 def test_unknown_method_is_refused() -> None:
@@ -172,6 +218,7 @@ token_lists = st.lists(st.sampled_from(TOKEN_ALPHABET), min_size=1, max_size=30)
 def test_dtw_equals_the_reference(source: list[str], target: list[str]) -> None:
     path = align_tokens(source, target, "dtw")
     assert path == reference_dtw(source, target)
+    assert path == editdistance_dtw(source, target)
     assert_valid_path(path, len(source), len(target))
 
 
@@ -181,9 +228,9 @@ def test_dtw_equals_the_reference(source: list[str], target: list[str]) -> None:
     target=st.lists(st.text(alphabet="abĠ▁", max_size=4), min_size=1, max_size=8),
 )
 def test_dtw_equals_the_reference_on_long_thin_tables(source: list[str], target: list[str]) -> None:
-    # More source than target tokens takes the transposed route through the row scan.
+    # Tall and wide tables: the kernel's row loop and its column-0 and row-0 borders.
     assert align_tokens(source, target) == reference_dtw(source, target)
-    assert align_tokens(target, source) == reference_dtw(target, source)
+    assert align_tokens(target, source) == editdistance_dtw(target, source)
 
 
 def test_cost_matrix_strips_markers_and_repeats_distinct_strings() -> None:
@@ -434,6 +481,7 @@ def test_dtw_equals_the_reference_on_the_kit_corpus(test_kit: Any) -> None:
             target = encode(target_tok, text, target_eos if with_eos else None)
             path = align_tokens(source[0], target[0], "dtw")
             assert path == reference_dtw(source[0], target[0]), (source_model.name, k)
+            assert path == editdistance_dtw(source[0], target[0]), (source_model.name, k)
             check_offsets_alignment(source, target)
             compared += bool(source[0] and target[0])
     assert compared >= 60
@@ -444,10 +492,12 @@ def test_bench_alignment_reports_every_figure() -> None:
         (["▁a", "▁b"], ["Ġa", "Ġb"], [(0, 1), (1, 3)], [(0, 1), (1, 3)]),
         (["▁", "a"], ["a"], [(0, 1), (0, 1)], [(0, 1)]),
     ]
-    result = bench_alignment(text_pairs, reference_dtw, repeats=2)
+    result = bench_alignment(text_pairs, editdistance_dtw, repeats=2)
     assert result["documents"] == 2
     assert result["tokens"] == 7
+    assert result["cells"] == 2 * 2 + 2 * 1
     assert result["dtw_matches_reference"] == 1.0
+    assert result["reference_us_per_cell"] > 0 and result["dtw_ns_per_cell"] > 0
     for name in ("reference", "dtw", "offsets"):
         assert result[f"{name}_docs_per_s"] > 0
         assert result[f"{name}_tokens_per_s"] > 0

@@ -21,6 +21,7 @@ def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str])
     assert out.startswith("usage: fusion-etl")
     if command == ["run"]:
         assert "prepare" in out and "--overwrite" in out and "--shards" in out
+        assert "--until" in out
 
 
 def test_unknown_arguments_and_stages(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -33,6 +34,10 @@ def test_unknown_arguments_and_stages(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "unknown stage 'extract-everything'" in capsys.readouterr().err
     assert main(["run", "all", "--config", str(job), "--shards", "0"]) == 2
     assert "--shards needs a single stage" in capsys.readouterr().err
+    assert main(["run", "prepare", "--config", str(job), "--until", "extract"]) == 2
+    assert "--until goes with 'all'" in capsys.readouterr().err
+    assert main(["run", "all", "--config", str(job), "--until", "fuse"]) == 2
+    assert "unknown stage 'fuse'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -110,3 +110,26 @@ def test_kuberay_manifest() -> None:
         assert custom == {k: v for k, v in twin.items() if k not in ("CPU", "GPU")}, name
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert int(limits.get("nvidia.com/gpu", "0")) == twin.get("GPU", 0), name
+
+
+def test_local_fake_cluster_mirrors_the_aws_cluster() -> None:
+    schema = json.loads(
+        Path(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json").read_text()
+    )
+    fake: dict[str, Any] = yaml.safe_load((ROOT / "cluster" / "local-fake.yaml").read_text())
+    jsonschema.validate(fake, schema)
+    provider = fake["provider"]
+    assert provider["type"] == "fake_multinode"
+    assert provider["gcs_address"].startswith("127.0.0.1:")
+    assert provider["use_node_id_as_ip"] and provider["disable_node_updaters"]
+    head = fake["available_node_types"][fake["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}, "the head does no work, as on AWS"
+    workers = {k: v for k, v in fake["available_node_types"].items() if k != fake["head_node_type"]}
+    aws_types = _aws()["available_node_types"]
+    assert set(workers) == {k for k in aws_types if k != _aws()["head_node_type"]}
+    for name, t in workers.items():
+        twin = aws_types[name]["resources"]
+        # The same custom resources (what the stages ask for) and GPUs declared where AWS has
+        # them; the counts are a laptop's.
+        assert {k for k in t["resources"] if k != "CPU"} == {k for k in twin if k != "CPU"}, name
+        assert t["min_workers"] == 0 < t["max_workers"]

@@ -33,7 +33,7 @@ def _cfg(kit: Any, run_dir: Path, *overrides: str, sources: int = 3) -> Pipeline
         "run_dir": str(run_dir),
         "target": {"name": "target", "path": str(kit.target.path)},
         "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources[:sources]],
-        "prepare": {"input": str(kit.corpus_dir), "block_size": 256},
+        "prepare": {"input": str(kit.corpus_dir), "block_size": 256, "shard_docs": 12},
         "extract": {"dtype": "float32"},
         "ray": {"num_cpus": 2},
     }
@@ -105,6 +105,7 @@ def test_transformers_columns_are_right(prepared: Path, tmp_path: Path, test_kit
             meta[b"fusion_etl.logprob_dtype"] == b"float16"
             and b"fusion_etl.tokenizer_fingerprint" in meta
         )
+        assert meta[b"fusion_etl.dtype"] == b"float32"
         tok = PreTrainedTokenizerFast.from_pretrained(model.path)
         lm: Any = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32)
         lm.eval()
@@ -146,20 +147,30 @@ def test_transformers_columns_are_right(prepared: Path, tmp_path: Path, test_kit
     assert run_stage(ExtractStage(), cfg).ran == 0
 
 
-def test_vllm_and_transformers_agree(prepared: Path, tmp_path: Path, test_kit: Any) -> None:
-    common = ("extract.logprob_dtype=float32", "extract.top_k=10")
+def test_vllm_and_transformers_agree_under_dtype_auto(
+    prepared: Path, tmp_path: Path, test_kit: Any
+) -> None:
+    # `auto` on both: left to itself vLLM's auto downcasts these float32 checkpoints to
+    # bfloat16 on a CPU (top-k ids then differ at 6-11% of slots); it must mean float32 for both.
+    common = ("extract.dtype=auto", "extract.logprob_dtype=float32", "extract.top_k=10")
     tf_dir = _fresh(prepared, tmp_path, "tf")
     vl_dir = _fresh(prepared, tmp_path, "vllm")
     tf_cfg = _cfg(test_kit, tf_dir, "extract.backend=transformers", *common)
     vl_cfg = _cfg(test_kit, vl_dir, "extract.backend=vllm", *common)
+    for cfg in (tf_cfg, vl_cfg):
+        assert {plan.identity["dtype"] for plan in ExtractStage().plan(cfg)} == {"float32"}
     assert run_stage(ExtractStage(), tf_cfg).complete
     assert run_stage(ExtractStage(), vl_cfg).complete
     for model in tf_cfg.models:
         a, b = _read(tf_dir, model.name), _read(vl_dir, model.name)
-        meta = pq.read_metadata(
-            read_manifest(str(vl_dir / "extract" / model.name), stage="extract").shard_urls()[0]
-        ).metadata
-        assert meta[b"fusion_etl.backend"] == b"vllm"
+        for run_dir, backend in ((tf_dir, b"transformers"), (vl_dir, b"vllm")):
+            meta = pq.read_metadata(
+                read_manifest(str(run_dir / "extract" / model.name), stage="extract").shard_urls()[
+                    0
+                ]
+            ).metadata
+            assert meta[b"fusion_etl.backend"] == backend
+            assert meta[b"fusion_etl.dtype"] == b"float32"
         assert a.column("doc_id").equals(b.column("doc_id"))
         assert a.column("input_ids").equals(b.column("input_ids"))
         a_lp, b_lp = _rows(a, "topk_logprobs"), _rows(b, "topk_logprobs")
@@ -196,6 +207,28 @@ def _full_logprobs(path: str, table: pa.Table) -> np.ndarray:
                 torch.log_softmax(lm(torch.tensor([ids])).logits[0].float(), dim=-1).numpy()
             )
     return np.concatenate(rows)
+
+
+def test_a_shard_is_written_in_runs_equal_to_one_run(
+    prepared: Path, tmp_path: Path, test_kit: Any
+) -> None:
+    # batch_tokens=1: one document per forward pass, so how documents are grouped into runs
+    # cannot change a single bit of the scores; only the memory held at once differs.
+    common = ("extract.backend=transformers", "extract.batch_tokens=1")
+    runs_dir, one_dir = _fresh(prepared, tmp_path, "runs"), _fresh(prepared, tmp_path, "one")
+    assert run_stage(
+        ExtractStage(), _cfg(test_kit, runs_dir, *common, "extract.docs_per_call=7", sources=0)
+    ).complete
+    assert run_stage(
+        ExtractStage(), _cfg(test_kit, one_dir, *common, "extract.docs_per_call=100000", sources=0)
+    ).complete
+    shards = read_manifest(str(runs_dir / "extract" / "target"), stage="extract").shard_urls()
+    for url in shards:
+        runs, one = pq.ParquetFile(url), pq.ParquetFile(url.replace("/runs/", "/one/"))
+        assert runs.metadata.num_rows == one.metadata.num_rows > 7
+        assert runs.metadata.num_row_groups == -(-runs.metadata.num_rows // 7)
+        assert one.metadata.num_row_groups == 1
+        assert runs.read().equals(one.read())
 
 
 def test_bad_input_is_reported_before_work(prepared: Path, tmp_path: Path, test_kit: Any) -> None:

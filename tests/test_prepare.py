@@ -33,7 +33,13 @@ def _config(kit: Any, run_dir: str, corpus: str, **prepare: Any) -> PipelineConf
             "run_dir": run_dir,
             "target": {"name": "target", "path": str(kit.target.path)},
             "sources": [{"name": m.name, "path": str(m.path)} for m in kit.sources],
-            "prepare": {"input": corpus, "block_size": 128, "margin": 8, **prepare},
+            "prepare": {
+                "input": corpus,
+                "block_size": 128,
+                "margin": 8,
+                "shard_docs": 12,
+                **prepare,
+            },
             "ray": {"num_cpus": 2},
         }
     )
@@ -201,6 +207,108 @@ def test_formats_and_bad_input(ray_local: Any, test_kit: Any, tmp_path: Path) ->
         )
 
 
+def _rows(url: str) -> list[dict[str, Any]]:
+    m = read_manifest(url, stage="prepare")
+    rows: list[dict[str, Any]] = pa.concat_tables(
+        [pq.read_table(u) for u in m.shard_urls()]
+    ).to_pylist()
+    return rows
+
+
+def test_large_files_split_small_files_grouped(
+    ray_local: Any, test_kit: Any, tmp_path: Path
+) -> None:
+    # A corpus of every kind of file: a large jsonl (blank lines inside), a gzipped jsonl of
+    # long documents, a Parquet file of many row groups, small jsonl files and a text file.
+    import gzip
+
+    texts = [
+        json.loads(line)["text"]
+        for p in sorted(Path(test_kit.corpus_dir).glob("*.jsonl"))
+        for line in p.read_text().splitlines()
+    ]
+    texts = [t for t in texts if t.strip()]
+    corpus = tmp_path / "corpus"
+    (corpus / "small").mkdir(parents=True)
+    big = [json.dumps({"text": f"short document number {i}."}) for i in range(1500)]
+    big[10] = big[700] = ""  # blank lines count as lines, so later line numbers stay true
+    (corpus / "big.jsonl").write_text("\n".join(big) + "\n")
+    with gzip.open(corpus / "long.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps({"text": texts[i % len(texts)]}) + "\n" for i in range(29))
+        fh.write(json.dumps({"text": max(texts, key=len)}) + "\n")
+    pq.write_table(
+        pa.table({"text": [f"row {i}: {texts[i % len(texts)][:40]}" for i in range(45)]}),
+        corpus / "rows.parquet",
+        row_group_size=8,
+    )
+    for k in range(5):
+        lines = [json.dumps({"text": f"small file {k} line {j}"}) for j in range(3)]
+        (corpus / "small" / f"s{k}.jsonl").write_text("\n".join(lines) + "\n")
+    (corpus / "zz.txt").write_text("one plain-text document", encoding="utf-8")
+    n_docs = 1500 + 30 + 45 + 15 + 1
+
+    cut = _config(test_kit, str(tmp_path / "cut"), str(corpus), shard_docs=400)
+    assert run_stage(PrepareStage(), cut).complete
+    whole = _config(
+        test_kit, str(tmp_path / "whole"), str(corpus), shard_docs=10**6, shard_bytes=10**12
+    )
+    assert run_stage(PrepareStage(), whole).complete
+
+    # The same documents with the same ids, however the corpus is cut.
+    rows = _rows(cut.stage_url("prepare"))
+    assert rows == _rows(whole.stage_url("prepare"))
+    m = read_manifest(cut.stage_url("prepare"), stage="prepare")
+    assert len(m.shards) == -(-n_docs // 400)
+    assert all(s.stats["documents_in"] <= 400 for s in m.shards)
+    assert sum(s.stats["documents_in"] for s in m.shards) == n_docs - 2  # the blank lines
+    spans = [s.inputs for s in m.shards]
+    assert sum(i.count(str(corpus / "big.jsonl")) for i in spans) == 4  # one file, four shards
+    assert any(len(i) >= 3 for i in spans)  # the tail of one file and the heads of others
+    # doc_ids name the document's own line (jsonl, 1-based) or row (Parquet, 0-based).
+    by_id = {r["doc_id"]: r["text"] for r in rows}
+    assert by_id["big.jsonl:12"] == "short document number 11."
+    assert by_id["big.jsonl:1500"] == "short document number 1499."
+    assert "big.jsonl:11" not in by_id and "big.jsonl:701" not in by_id
+    assert by_id["rows.parquet:44"].startswith("row 44: ")
+    assert by_id["small/s3.jsonl:2"] == "small file 3 line 1"
+    assert by_id["zz.txt"] == "one plain-text document"
+    # A long document cut into pieces: they follow its line number and rebuild it exactly.
+    longest = max(texts, key=len)
+    pieces = {d: t for d, t in by_id.items() if d.startswith("long.jsonl.gz:30#")}
+    assert len(pieces) > 1
+    assert "".join(pieces[f"long.jsonl.gz:30#{k}"] for k in range(len(pieces))) == longest
+    # Written in runs: a shard of more than ROW_GROUP_DOCS documents has several row groups.
+    from fusion_etl.stages.prepare import ROW_GROUP_DOCS
+
+    one = read_manifest(whole.stage_url("prepare"), stage="prepare").shard_urls()
+    assert len(one) == 1
+    assert pq.ParquetFile(one[0]).metadata.num_row_groups == -(-(n_docs - 2) // ROW_GROUP_DOCS)
+
+
+def test_a_rerun_does_not_scan_the_corpus_again(
+    test_kit: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fusion_etl.stages import prepare
+
+    cfg = parse_config(
+        _raw(_config(test_kit, str(tmp_path / "run"), str(test_kit.corpus_dir))),
+        ["ray.executor=inline"],
+    )
+    first = PrepareStage().plan(cfg)[0]
+    assert run_stage(PrepareStage(), cfg).complete
+
+    def no_scan(*args: Any) -> None:
+        raise AssertionError("the corpus was scanned again")
+
+    monkeypatch.setattr(prepare, "_scan_jsonl", no_scan)
+    again = PrepareStage().plan(cfg)[0]
+    assert again.items == first.items and again.fingerprint == first.fingerprint
+    assert run_stage(PrepareStage(), cfg).ran == 0
+    # Another configuration is planned afresh.
+    with pytest.raises(AssertionError, match="scanned again"):
+        PrepareStage().plan(parse_config(_raw(cfg), ["prepare.shard_docs=5"]))
+
+
 def _cli(*args: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fusion_etl", *args],
@@ -254,7 +362,8 @@ def test_cli_errors_are_messages_not_tracebacks(test_kit: Any, tmp_path: Path) -
 
 
 def test_killed_run_resumes_to_identical_output(test_kit: Any, tmp_path: Path) -> None:
-    # Many small input files, one shard in flight at a time, so the kill lands mid-way.
+    # Files of 3 to 93 lines cut into 40 shards of 12 documents (large files split, small ones
+    # grouped), one shard in flight at a time, so the kill lands mid-way.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     docs = [
@@ -262,8 +371,10 @@ def test_killed_run_resumes_to_identical_output(test_kit: Any, tmp_path: Path) -
         for p in sorted(Path(test_kit.corpus_dir).glob("*.jsonl"))
         for line in p.read_text().splitlines()
     ]
-    for i in range(40):
-        lines = [json.dumps({"text": docs[(i * 7 + j) % len(docs)]}) for j in range(12)]
+    sizes = [93, 3, 5, 60, 4, 7, 90, 3, 3, 100, 50, 62]
+    assert sum(sizes) == 40 * 12
+    for i, n in enumerate(sizes):
+        lines = [json.dumps({"text": docs[(i * 7 + j) % len(docs)]}) for j in range(n)]
         (corpus / f"f{i:03d}.jsonl").write_text("\n".join(lines) + "\n")
 
     def job(run_dir: Path) -> Path:
@@ -302,6 +413,7 @@ def test_killed_run_resumes_to_identical_output(test_kit: Any, tmp_path: Path) -
         "the run finished before the kill; make it longer"
     )
     assert 3 <= committed < 40
+    assert (killed / "prepare" / "_plan.json").exists()
 
     resumed = _cli("run", "prepare", "--config", str(job(killed)), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -315,6 +427,9 @@ def test_killed_run_resumes_to_identical_output(test_kit: Any, tmp_path: Path) -
         (s.name, s.rows, s.sha256) for s in ref_m.shards
     ]
     assert got_m.fingerprint != "" and got_m.fingerprint == _fingerprint_of(reference)
+    assert len(got_m.shards) == 40
+    spans = [s.inputs for s in got_m.shards]
+    assert any(len(i) > 1 for i in spans) and any(spans.count(i) > 1 for i in spans)
 
 
 def _fingerprint_of(run_dir: Path) -> str:

@@ -134,3 +134,78 @@ def test_lr_schedule() -> None:
     assert lr_factor(100, total, warmup, "cosine", 0.1) == pytest.approx(0.1)
     assert lr_factor(55, total, warmup, "linear", 0.0) == pytest.approx(0.5)
     assert lr_factor(77, total, warmup, "constant", 0.0) == 1.0
+
+
+def _rest_case(
+    seed: int, b: int = 3, length: int = 7, v: int = 11, k: int = 4
+) -> tuple[torch.Tensor, ...]:
+    """Like `_random_case`, with distinct ids per row (as align_fuse writes them) and fused
+    probabilities that leave mass outside the k ids (one row holds all of it, one-hot)."""
+    logits, labels, _, _ = _random_case(seed, b, length, v, k)
+    g = torch.Generator().manual_seed(seed + 100)
+    fused_ids = torch.stack(
+        [torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(length)]) for _ in range(b)]
+    )
+    fused_ids[1, 2, 2:] = -1
+    fused_ids[0, 4, :] = -1
+    fused_probs = torch.rand(b, length, k, generator=g, dtype=torch.float64)
+    fused_probs = fused_probs / fused_probs.sum(-1, keepdim=True) * 0.6
+    fused_probs[2, 1] = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    fused_probs[fused_ids < 0] = 0.0
+    return logits, labels, fused_ids, fused_probs
+
+
+def _dense_rest_reference(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    fused_ids: torch.Tensor,
+    fused_probs: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """The rest-bucket loss from dense [B, L, V] tensors: teacher mass on each id plus one
+    bucket for the rest, against the student's full softmax summed the same way."""
+    b, length, v = logits.shape
+    q = torch.softmax(logits, dim=-1)
+    mask = labels != IGNORE
+    clm = -(torch.log(q.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)) * mask).sum()
+    clm = clm / mask.sum()
+    dense = torch.zeros(b, length, v, dtype=logits.dtype)
+    in_topk = torch.zeros(b, length, v, dtype=torch.bool)
+    for i in range(b):
+        for j in range(length):
+            for slot in range(fused_ids.shape[-1]):
+                if fused_ids[i, j, slot] >= 0:
+                    dense[i, j, fused_ids[i, j, slot]] = fused_probs[i, j, slot]
+                    in_topk[i, j, fused_ids[i, j, slot]] = True
+    teacher_rest = 1.0 - dense.sum(-1)
+    student_rest = (q * ~in_topk).sum(-1)
+    soft = -(dense * torch.log(q)).sum(-1) - teacher_rest * torch.log(student_rest)
+    has = mask & (dense.sum(-1) > 0)
+    fusion = (soft * has).sum() / has.sum()
+    return lam * clm + (1 - lam) * fusion
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.9])
+def test_rest_bucket_loss_equals_dense_reference_and_gradients_match(seed: int, lam: float) -> None:
+    logits, labels, fused_ids, fused_probs = _rest_case(seed)
+    sparse = fusion_loss(logits, labels, fused_ids, fused_probs, lam, topk_mass="rest").total
+    (g_sparse,) = torch.autograd.grad(sparse, logits)
+    dense = _dense_rest_reference(logits, labels, fused_ids, fused_probs, lam)
+    (g_dense,) = torch.autograd.grad(dense, logits)
+    assert float(sparse.detach()) == pytest.approx(float(dense.detach()), rel=1e-5, abs=1e-6)
+    assert torch.allclose(g_sparse.double(), g_dense, atol=1e-6)
+    assert torch.isfinite(g_sparse).all()
+
+
+def test_rest_bucket_differs_from_renormalising_only_where_mass_is_missing() -> None:
+    logits, labels, fused_ids, fused_probs = _rest_case(5)
+    rest = fusion_loss(logits, labels, fused_ids, fused_probs, 0.0, topk_mass="rest")
+    renorm = fusion_loss(logits, labels, fused_ids, fused_probs, 0.0)
+    assert float(rest.fusion) != pytest.approx(float(renorm.fusion), rel=1e-3)
+    full = fused_probs / fused_probs.sum(-1, keepdim=True).clamp(min=1e-12)
+    a = fusion_loss(logits, labels, fused_ids, full, 0.0, topk_mass="rest").total
+    b = fusion_loss(logits, labels, fused_ids, full, 0.0).total
+    assert float(a) == pytest.approx(float(b), rel=1e-6)  # nothing outside the k ids
+    with pytest.raises(ValueError, match="topk_mass"):
+        fusion_loss(logits, labels, fused_ids, fused_probs, 0.5, topk_mass="other")

@@ -54,18 +54,15 @@ def s3_trained(
     storage.configure(cfg.storage)
     result = TrainStage().run(cfg)
     local = _download(f"{base}/model", tmp_path_factory.mktemp("model_from_s3"))
-    checkpoints = sorted(
-        {
-            u.split("/")[-2]
-            for u in storage.list_files(f"{base}/ckpt/{cfg.train.run_name}")
-            if "/step_" in u
-        }
-    )
+    files = storage.list_files(f"{base}/ckpt/{cfg.train.run_name}")
+    checkpoints = sorted({u.split("/")[-2] for u in files if "/step_" in u})
+    last = [u.rsplit("/", 1)[-1] for u in files if f"/{checkpoints[-1]}/" in u]
     out = {
         "cfg": cfg,
         "result": result,
         "model_dir": local,
         "checkpoints": checkpoints,
+        "last_checkpoint_files": sorted(last),
         "run_dir": run_dir,
     }
     storage.configure(StorageConfig())
@@ -92,6 +89,15 @@ def test_two_workers_train_checkpoint_and_export_to_s3(
     # Checkpoints every 5 steps, the newest two kept, the last one at the final step.
     assert s3_trained["checkpoints"][-1] == f"step_{steps:08d}"
     assert len(s3_trained["checkpoints"]) == 2
+    # Sharded (FSDP, the default at two workers): one file per rank, DCP's metadata, and the
+    # step/scheduler state; no single whole-state file.
+    assert result_json["strategy"] == "fsdp"
+    assert s3_trained["last_checkpoint_files"] == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+        "trainer_state.pt",
+    ]
     model_dir = s3_trained["model_dir"]
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
@@ -127,7 +133,7 @@ def test_killed_training_resumes_at_its_checkpoint_and_matches(
     )
     ckpt_root = run_dir / "train" / "ray" / cfg.train.run_name
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(ckpt_root.glob("step_*/state.pt")):
+    while time.monotonic() < deadline and not list(ckpt_root.glob("step_*/trainer_state.pt")):
         if proc.poll() is not None:
             pytest.fail(
                 f"training ended before a checkpoint: {(tmp_path / 'first.log').read_text()[-3000:]}"
@@ -176,3 +182,18 @@ def test_evaluate_reports_bits_per_byte(s3_trained: dict[str, Any], test_kit: An
     table = (out / "results.md").read_text()
     assert table.startswith("| model | code | prose | scripture | average |")
     assert (out / "bits_per_byte.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_another_seed_trains_another_model(
+    s3_trained: dict[str, Any], fused_run: Path, test_kit: Any, tmp_path: Path
+) -> None:
+    """Seed 0 twice gives the same weights (the resumed run above equals the uninterrupted
+    one); seed 1 reads the data in another order and gives other weights."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(fused_run, run_dir)
+    cfg = kit_config(test_kit, run_dir, "train.seed=1")
+    assert TrainStage().run(cfg).complete
+    other = load_file(str(run_dir / "train" / "model" / "model.safetensors"))
+    seed0 = load_file(str(s3_trained["model_dir"] / "model.safetensors"))
+    assert other.keys() == seed0.keys()
+    assert any(not torch.equal(other[n], seed0[n]) for n in seed0)

@@ -4,11 +4,12 @@ Two methods, both returning a monotone path of ``(source_index, target_index)`` 
 
 * ``"dtw"``: FuseLLM's dynamic time warping, path for path. The cell cost is the Levenshtein
   distance of the two token strings with their word-start markers (``Ġ``, ``▁``) removed. The
-  FuseLLM reference fills the O(n·m) table with Python loops (2-2.7 µs a cell); here the cost
-  matrix comes from ``rapidfuzz`` over the distinct strings only, and the accumulated cost is
-  filled one row at a time with numpy (a row's left-to-right dependency is a min-plus prefix
-  scan, see `_accumulated_cost`). Integer arithmetic throughout, so ties, and therefore the
-  path, are exactly the reference's.
+  FuseLLM reference fills an O(n·m) numpy table in Python loops with one ``editdistance.eval``
+  per cell (1.4-1.8 µs a cell here). Here the edit distances come from ``rapidfuzz`` over the
+  distinct marker-stripped strings only, and the recurrence and backtrace run as one compiled
+  pass (`fusion_etl.align._dtw_kernel`, numba) that gathers each cell's cost from that small
+  table and keeps one byte per cell: the backtrace's move. Integer arithmetic throughout, so
+  ties, and therefore the path, are exactly the reference's.
 * ``"offsets"``: a linear two-pointer sweep over the tokens' character spans in the shared
   text. Not in the reference; it needs the offsets a tokenizer returns with its tokens.
 
@@ -47,8 +48,8 @@ def align_tokens(
     Args:
         source_tokens: Token strings of the source tokenization.
         target_tokens: Token strings of the target tokenization.
-        method: ``"dtw"`` reproduces FuseLLM's alignment exactly (O(n·m) time and memory,
-            vectorised); ``"offsets"`` pairs tokens by their character spans in O(n + m).
+        method: ``"dtw"`` reproduces FuseLLM's alignment exactly (O(n·m) time, n·m bytes of
+            memory, compiled); ``"offsets"`` pairs tokens by their character spans in O(n + m).
         source_offsets: ``(start, end)`` character span of each source token in the text, as
             ``tokenizers.Encoding.offsets`` gives it. Required for ``"offsets"``, ignored
             by ``"dtw"``.
@@ -67,14 +68,13 @@ def align_tokens(
     if method == "dtw":
         if not source_tokens or not target_tokens:
             return []
-        if len(source_tokens) <= len(target_tokens):
-            acc = _accumulated_cost(dtw_cost_matrix(source_tokens, target_tokens), consume=True)
-        else:
-            # The row scan loops over rows, so the shorter side goes down the rows. Edit
-            # distance and the recurrence are both symmetric: the table of the swapped problem
-            # is this one's, transposed (a view; no copy).
-            acc = _accumulated_cost(dtw_cost_matrix(target_tokens, source_tokens), consume=True).T
-        return _backtrace(acc)
+        # Imported here: numba loads (or, once per machine, compiles) the kernel, which only
+        # the processes that align need.
+        from fusion_etl.align._dtw_kernel import dtw_path_indices
+
+        distinct, rows, cols = _distinct_costs(source_tokens, target_tokens)
+        path = dtw_path_indices(distinct, rows, cols)
+        return list(zip(path[:, 0].tolist(), path[:, 1].tolist(), strict=True))
     if method == "offsets":
         if source_offsets is None or target_offsets is None:
             raise ValueError('method="offsets" needs source_offsets and target_offsets')
@@ -98,7 +98,8 @@ def dtw_cost_matrix(
     """The DTW cell costs: Levenshtein distance of every source/target pair, markers stripped.
 
     A token that is only a marker (a lone ``▁``) strips to ``""``; its distance to a token is
-    that token's stripped length, not an error as in the reference.
+    that token's stripped length. The DTW itself never builds this table (it gathers from the
+    distinct pairs' costs); it is here to inspect and test the costs.
 
     Args:
         source_tokens: n token strings.
@@ -107,102 +108,38 @@ def dtw_cost_matrix(
     Returns:
         An ``(n, m)`` int32 array.
     """
-    src_unique, src_inverse = _distinct_stripped(source_tokens)
-    tgt_unique, tgt_inverse = _distinct_stripped(target_tokens)
-    # A document repeats a few hundred distinct strings, so scoring only the distinct pairs
-    # and gathering is several times cheaper than scoring all n·m cells.
-    distinct = cdist(src_unique, tgt_unique, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    # take() along axis 1 keeps the result row-major; `[:, tgt_inverse]` would not.
-    cost: npt.NDArray[np.int32] = distinct[src_inverse].take(tgt_inverse, axis=1)
+    distinct, rows, cols = _distinct_costs(source_tokens, target_tokens)
+    # take() along axis 1 keeps the result row-major; `[:, cols]` would not.
+    cost: npt.NDArray[np.int32] = distinct[rows].take(cols, axis=1)
     return cost
 
 
+def _distinct_costs(
+    source_tokens: Sequence[str], target_tokens: Sequence[str]
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Edit distances of the distinct stripped strings, and each token's row or column.
+
+    A document repeats a few hundred distinct strings, so scoring only the distinct pairs is
+    several times cheaper than scoring all n·m cells.
+    """
+    src_unique, rows = _distinct_stripped(source_tokens)
+    tgt_unique, cols = _distinct_stripped(target_tokens)
+    distinct = cdist(src_unique, tgt_unique, scorer=Levenshtein.distance, dtype=np.int32, workers=1)
+    return np.ascontiguousarray(distinct, dtype=np.int32), rows, cols
+
+
 def _distinct_stripped(tokens: Sequence[str]) -> tuple[list[str], npt.NDArray[np.intp]]:
-    """The distinct tokens, marker-stripped, in first-seen order, and each token's index.
+    """The distinct marker-stripped strings in first-seen order, and each token's index.
 
-    Tokens are deduplicated before stripping, so each distinct token is stripped once; two
-    that strip to the same string ("a", "▁a") both stay, which only costs a repeated column.
+    Tokens are deduplicated before stripping, so each distinct token is stripped once, and the
+    stripped strings again, so that tokens that differ only by a marker ("a", "▁a") share one
+    row of the cost table.
     """
-    index: dict[str, int] = {}
-    inverse = np.array([index.setdefault(t, len(index)) for t in tokens], dtype=np.intp)
-    return [strip_markers(t) for t in index], inverse
-
-
-def _accumulated_cost(
-    cost: npt.NDArray[np.int32], *, consume: bool = False
-) -> npt.NDArray[np.int32 | np.int64]:
-    """The reference's accumulated cost table without its border: ``M = D[1:, 1:]``.
-
-    With the border gone, row 0 is a running sum and every later row ``i`` satisfies
-    ``M[i, j] = min(a[j], M[i, j-1] + c[j])``, where ``a[j] = c[j] + min(M[i-1, j],
-    M[i-1, j-1])`` (``a[0] = c[0] + M[i-1, 0]``). Unrolled, with ``S`` the running sum of the
-    row's costs, that is ``M[i, j] = S[j] + min over k <= j of (a[k] - S[k])``: one
-    ``np.minimum.accumulate``, so a row costs four numpy calls whatever its length.
-
-    The arithmetic is exact integer arithmetic, so equal sums compare equal as they do in the
-    reference: int32 when no intermediate value can overflow it (always, for real documents),
-    int64 otherwise.
-
-    Args:
-        cost: The ``(n, m)`` cell costs. Fastest with ``n <= m`` (one loop step per row).
-        consume: Whether `cost` may be overwritten (it saves a copy of the whole table).
-    """
-    n, m = cost.shape
-    # Every entry of M is at most (n + m - 1) * max_cost and every running sum at most
-    # m * max_cost, so (n + 2m) * max_cost bounds every magnitude below.
-    max_cost = int(cost.max())
-    dtype = np.int32 if (n + 2 * m + 1) * max_cost < np.iinfo(np.int32).max else np.int64
-    # Row-major, so that each row the loop touches is contiguous.
-    offset = np.asarray(cost, dtype=dtype, order="C") if consume else cost.astype(dtype, order="C")
-    running = np.cumsum(offset, axis=1, dtype=dtype)
-    # a[k] - S[k] = min(M[i-1, k], M[i-1, k-1]) + (c[k] - S[k]); the second term is computed
-    # for all rows at once, in place (large fresh arrays cost page faults).
-    np.subtract(offset, running, out=offset)
-    # Column 0 is a sentinel standing for the reference's +inf border, so that M[i, 0] comes
-    # out of the same shifted minimum as every other column; it never wins a minimum, so no
-    # arithmetic ever touches it.
-    table = np.empty((n, m + 1), dtype=dtype)
-    table[:, 0] = np.iinfo(dtype).max
-    table[0, 1:] = running[0]
-    body, shifted = table[:, 1:], table[:, :-1]  # M[i, j] and M[i, j-1] (sentinel at j=0)
-    minimum, prefix_min, add = np.minimum, np.minimum.accumulate, np.add
-    # Row views made up front; the loop body is then just the four calls.
-    for row, above, above_left, row_offset, row_sum in zip(
-        body[1:], body, shifted, offset[1:], running[1:], strict=False
-    ):
-        minimum(above, above_left, out=row)
-        add(row, row_offset, out=row)
-        prefix_min(row, out=row)
-        add(row, row_sum, out=row)
-    acc: npt.NDArray[np.int32 | np.int64] = body
-    return acc
-
-
-def _backtrace(acc: npt.NDArray[np.int32 | np.int64]) -> list[tuple[int, int]]:
-    """Walks back from the last cell, preferring diagonal, then up, then left on ties."""
-    n, m = acc.shape
-    at = acc.item
-    i, j = n - 1, m - 1
-    path: list[tuple[int, int]] = []
-    while i > 0 or j > 0:
-        path.append((i, j))
-        if i == 0:
-            j -= 1
-        elif j == 0:
-            i -= 1
-        else:
-            diag, up, left = at(i - 1, j - 1), at(i - 1, j), at(i, j - 1)
-            # The first minimum of (diag, up, left), as np.argmin would pick it.
-            if diag <= up and diag <= left:
-                i -= 1
-                j -= 1
-            elif up <= left:
-                i -= 1
-            else:
-                j -= 1
-    path.append((0, 0))
-    path.reverse()
-    return path
+    stripped = {token: strip_markers(token) for token in dict.fromkeys(tokens)}
+    index = {text: k for k, text in enumerate(dict.fromkeys(stripped.values()))}
+    position = {token: index[text] for token, text in stripped.items()}
+    inverse = np.fromiter(map(position.__getitem__, tokens), dtype=np.intp, count=len(tokens))
+    return list(index), inverse
 
 
 def _sweep_offsets(source: Sequence[Span], target: Sequence[Span]) -> list[tuple[int, int]]:
@@ -281,22 +218,24 @@ def bench_alignment(
     *,
     repeats: int = 3,
 ) -> dict[str, float]:
-    """Times the reference DTW, the vectorised DTW and the offsets sweep on the same documents.
+    """Times the reference DTW, the compiled DTW and the offsets sweep on the same documents.
 
     Args:
         pairs: One ``(source_tokens, target_tokens, source_offsets, target_offsets)`` per
             document.
-        reference: The pure-Python reference, called as ``reference(source_tokens,
-            target_tokens)`` (``tests/align_reference.reference_dtw``); a parameter so that
-            the package never imports from the tests.
+        reference: The reference, called as ``reference(source_tokens, target_tokens)``: the
+            FuseLLM code's shape (``tests/align_reference.editdistance_dtw``); a parameter so
+            that the package never imports from the tests.
         repeats: The fast methods run over all documents this many times and the best time
             counts, as ``timeit`` does: on a shared machine other work only ever adds time. The
             reference runs once; it takes long enough to average such noise out.
 
     Returns:
-        ``documents``; ``tokens`` (source plus target tokens over all documents);
-        ``{reference,dtw,offsets}_seconds``, ``_docs_per_s`` and ``_tokens_per_s``;
-        ``dtw_speedup`` and ``offsets_speedup`` over the reference; ``dtw_matches_reference``,
+        ``documents``; ``tokens`` (source plus target tokens over all documents); ``cells``
+        (the DTW tables' cells, n·m summed); ``{reference,dtw,offsets}_seconds``,
+        ``_docs_per_s`` and ``_tokens_per_s``; ``reference_us_per_cell`` and
+        ``dtw_ns_per_cell``; ``dtw_speedup`` and ``offsets_speedup`` over the reference;
+        ``dtw_matches_reference``,
         the fraction of documents whose dtw path equals the reference's exactly (expect 1);
         and, for information, ``offsets_matches_reference`` (the same fraction for the offsets
         path, a different method) and ``offsets_pairs_in_reference`` (the fraction of the
@@ -310,6 +249,7 @@ def bench_alignment(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     tokens = sum(len(src) + len(tgt) for src, tgt, _, _ in pairs)
+    cells = sum(len(src) * len(tgt) for src, tgt, _, _ in pairs)
 
     def dtw(pair: AlignmentPair) -> list[tuple[int, int]]:
         return align_tokens(pair[0], pair[1], "dtw")
@@ -319,16 +259,21 @@ def bench_alignment(
             pair[0], pair[1], "offsets", source_offsets=pair[2], target_offsets=pair[3]
         )
 
+    # Untimed: the first call in a process loads the compiled kernel (bench align reports that
+    # cost on its own).
+    dtw(pairs[0])
     ref_paths, ref_s = _timed(lambda pair: reference(pair[0], pair[1]), pairs, repeats=1)
     dtw_paths, dtw_s = _timed(dtw, pairs, repeats=repeats)
     off_paths, off_s = _timed(offsets, pairs, repeats=repeats)
 
     docs = float(len(pairs))
-    result: dict[str, float] = {"documents": docs, "tokens": float(tokens)}
+    result: dict[str, float] = {"documents": docs, "tokens": float(tokens), "cells": float(cells)}
     for name, seconds in (("reference", ref_s), ("dtw", dtw_s), ("offsets", off_s)):
         result[f"{name}_seconds"] = seconds
         result[f"{name}_docs_per_s"] = docs / seconds
         result[f"{name}_tokens_per_s"] = tokens / seconds
+    result["reference_us_per_cell"] = ref_s / max(1, cells) * 1e6
+    result["dtw_ns_per_cell"] = dtw_s / max(1, cells) * 1e9
     result["dtw_speedup"] = ref_s / dtw_s
     result["offsets_speedup"] = ref_s / off_s
     result["dtw_matches_reference"] = _same_fraction(dtw_paths, ref_paths)

@@ -35,6 +35,8 @@ class Scored:
 class Scorer(Protocol):
     top_k: int
     max_length: int
+    dtype: str
+    """The dtype the model really computes in (``float32``, ``bfloat16``, ``float16``)."""
 
     def score(self, docs: list[npt.NDArray[np.int32]]) -> Scored: ...
 

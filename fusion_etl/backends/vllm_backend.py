@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fusion_etl.backends import Scored
+from fusion_etl.backends.dtypes import Device, check_dtype_supported, resolve_dtype
 
 __all__ = ["VllmScorer", "flat_to_scored"]
 
@@ -72,14 +73,20 @@ class VllmScorer:
         seed: int = 0,
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
         from vllm import LLM, SamplingParams
 
+        # vLLM's own `auto` follows the checkpoint and the platform (bfloat16 for a float32
+        # checkpoint on this CPU, float16 on a GPU): never hand it `auto`.
+        device: Device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolved = resolve_dtype(dtype, device=device)
+        check_dtype_supported(resolved, device=device, requested=dtype)
         kwargs: dict[str, Any] = {}
         if max_length:
             kwargs["max_model_len"] = max_length
         self.llm = LLM(
             model=path,
-            dtype=cast(Any, dtype),
+            dtype=cast(Any, resolved),
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             max_num_batched_tokens=max_num_batched_tokens,
@@ -92,6 +99,8 @@ class VllmScorer:
             **kwargs,
         )
         self.top_k = top_k
+        # What the engine really runs in (recorded in each shard's metadata).
+        self.dtype = str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
         # One slot is taken by the generated step that yields the distribution after the last token.
         self.max_length = int(self.llm.llm_engine.model_config.max_model_len) - 1
         self.params = SamplingParams(

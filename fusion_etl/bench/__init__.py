@@ -3,6 +3,8 @@
     fusion-etl bench extract [--size demo|test] [--docs N]
     fusion-etl bench align [--size demo|test] [--docs N]
     fusion-etl bench train [--size demo|test] [--steps N]
+    fusion-etl bench quality --mode table7|hetero [--seeds 0,1,2]
+    fusion-etl bench pipeline [--size demo|test] [--repeats N] [--factor N]
 
 One module per benchmark (`fusion_etl.bench.<name>`), each adding its own subcommand. A
 baseline is always the real thing it stands for, measured in the same run.
@@ -17,7 +19,7 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fusion_etl.bench import align, extract, train
+    from fusion_etl.bench import align, extract, pipeline, quality, train
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="what", required=True, metavar="WHAT")
-    for module in (extract, align, train):
+    for module in (extract, align, train, pipeline, quality):
         module.add_parser(sub)
     args = parser.parse_args(argv)
     code: int = args.run(args)

@@ -47,7 +47,7 @@ from fusion_etl.kit.models import (
 )
 from fusion_etl.kit.tokenizer_kit import TokenizerKind, train_tokenizer
 
-__all__ = ["KIT_VERSION", "Kit", "KitModel", "KitSize", "build_kit"]
+__all__ = ["KIT_VERSION", "Kit", "KitModel", "KitSize", "build_kit", "kit_pools"]
 
 # Bump whenever a change alters what a build produces, so old kits are rebuilt, not reused.
 KIT_VERSION: Final = 2
@@ -336,15 +336,27 @@ def build_kit(
     return _kit_at(root)
 
 
-def _build_texts(
-    root: Path, spec: _SizeSpec, seed: int, say: Callable[[str], None]
-) -> dict[Domain, DomainPools]:
-    t0 = time.perf_counter()
+def _pools(spec: _SizeSpec, seed: int) -> dict[Domain, DomainPools]:
     pools: dict[Domain, DomainPools] = {}
     for domain in DOMAINS:
         units = domain_units(domain, max_chars_per_unit=spec.unit_chars[domain])
         docs = cut_documents(units, domain=domain, seed=seed)
         pools[domain] = split_pools(docs, n_heldout=spec.heldout_per_domain, seed=seed)
+    return pools
+
+
+def kit_pools(size: KitSize, seed: int) -> dict[Domain, DomainPools]:
+    """The documents a kit of this size and seed was built from, per domain: its training
+    pool (every model of the kit trained on it; the corpus is a sample of it) and its held-out
+    pool (no model trained on it; written to `heldout/`)."""
+    return _pools(_SIZES[size], seed)
+
+
+def _build_texts(
+    root: Path, spec: _SizeSpec, seed: int, say: Callable[[str], None]
+) -> dict[Domain, DomainPools]:
+    t0 = time.perf_counter()
+    pools = _pools(spec, seed)
     tmp_corpus = _fresh_tmp(root, _CORPUS_DIR)
     rows = write_corpus(
         tmp_corpus,

@@ -10,10 +10,11 @@ from fusion_etl.runner import RunResult, Stage
 from fusion_etl.stages.align_fuse import AlignFuseStage
 from fusion_etl.stages.evaluate import EvaluateStage
 from fusion_etl.stages.extract import ExtractStage
+from fusion_etl.stages.merge import MergeStage
 from fusion_etl.stages.prepare import PrepareStage
 from fusion_etl.stages.train import TrainStage
 
-__all__ = ["STAGES", "WholeStage", "get_stage", "lookup"]
+__all__ = ["EXTRA_STAGES", "STAGES", "WholeStage", "get_stage", "is_whole", "lookup"]
 
 
 class WholeStage(Protocol):
@@ -33,19 +34,30 @@ STAGES: dict[str, Stage | WholeStage] = {
     "train": TrainStage(),
     "evaluate": EvaluateStage(),
 }
+"""The fusion pipeline, in order: what `all` runs."""
+
+EXTRA_STAGES: dict[str, Stage | WholeStage] = {"merge": MergeStage()}
+"""Stages run only when named (baselines and follow-ups of the pipeline)."""
 
 
 def lookup(name: str) -> Stage | WholeStage:
     """The stage called `name`, or a clear error listing the stages."""
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise UserError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}, or 'all'") from None
+    found = STAGES.get(name) or EXTRA_STAGES.get(name)
+    if found is None:
+        raise UserError(
+            f"unknown stage {name!r}; stages: {', '.join([*STAGES, *EXTRA_STAGES])}, or 'all'"
+        )
+    return found
+
+
+def is_whole(stage: Stage | WholeStage) -> bool:
+    """A stage that runs and commits itself as one job (train, evaluate, merge)."""
+    return isinstance(stage, TrainStage | EvaluateStage | MergeStage)
 
 
 def get_stage(name: str) -> Stage:
     """A sharded stage (what Ray workers look up by name)."""
     stage = lookup(name)
-    if isinstance(stage, TrainStage | EvaluateStage):
+    if is_whole(stage):
         raise UserError(f"stage {name!r} is not sharded")
     return cast(Stage, stage)

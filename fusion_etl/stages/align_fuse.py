@@ -46,6 +46,7 @@ from fusion_etl.schema import (
     extract_schema,
     footer_metadata,
     list_rows,
+    open_parquet,
     parquet_bytes,
 )
 from fusion_etl.tokenization import load_tokenizer, tokenizer_fingerprint
@@ -150,16 +151,6 @@ def _load_vocab_map(url: str) -> npt.NDArray[np.int32]:
     return out
 
 
-def _open_parquet(url: str) -> pq.ParquetFile:
-    """A Parquet file to read in runs of rows (object stores: ranged reads, no full download)."""
-    try:
-        return pq.ParquetFile(storage.open_file(url))
-    except UserError as exc:
-        if "does not exist" in str(exc):
-            raise InputDataError(str(exc)) from None
-        raise
-
-
 def _check_extract(pf: pq.ParquetFile, url: str, model: ModelConfig) -> int:
     meta = footer_metadata(pf)
     k = int(meta.get("fusion_etl.top_k", "0"))
@@ -180,8 +171,8 @@ class AlignFuseStage:
     name = "align_fuse"
 
     def _upstream(self, cfg: PipelineConfig) -> dict[str, Manifest]:
-        if not cfg.sources:
-            raise UserError("align_fuse needs at least one source model (sources: [...])")
+        # No sources is allowed: the fused distribution is then the target's own (what a
+        # CLM-only run, train.lam 1, trains on without reading it).
         out = {}
         for model in cfg.models:
             url = storage.join(cfg.stage_url("extract"), model.name)
@@ -198,23 +189,47 @@ class AlignFuseStage:
 
     def plan(self, cfg: PipelineConfig) -> list[StagePlan]:
         upstream = self._upstream(cfg)
+        target = upstream[cfg.target.name]
+        return self._plan(
+            cfg,
+            {m: (man.url, man.fingerprint) for m, man in upstream.items()},
+            [s.name for s in target.shards],
+        )
+
+    def plan_after(self, cfg: PipelineConfig, extract: list[StagePlan]) -> list[StagePlan]:
+        """The plan that extract's `extract` plans lead to, made before any of them has
+        finished (pipelined `run all`: a shard starts once every model committed it). Once
+        extract has finished it equals `plan`: same items, inputs and fingerprint."""
+        if not cfg.sources:
+            raise UserError("align_fuse needs at least one source model (sources: [...])")
+        by_url = {p.output: p for p in extract}
+        upstream = {}
+        for model in cfg.models:
+            url = storage.join(cfg.stage_url("extract"), model.name)
+            upstream[model.name] = (url, by_url[url].fingerprint)
+        target = by_url[upstream[cfg.target.name][0]]
+        return self._plan(cfg, upstream, [it.shard for it in target.items])
+
+    def _plan(
+        self, cfg: PipelineConfig, upstream: dict[str, tuple[str, str]], shards: list[str]
+    ) -> list[StagePlan]:
+        """The plan from each model's extract (URL, fingerprint) and the shard names."""
         prepare = read_manifest(cfg.stage_url("prepare"), stage="prepare")
         identity = {
             "stage": self.name,
             "version": VERSION,
             "align_fuse": fingerprint_fields(cfg.align_fuse),
-            "extract": {m: man.fingerprint for m, man in upstream.items()},
+            "extract": {m: fp for m, (_, fp) in upstream.items()},
             "sources": [m.name for m in cfg.sources],
             "vocab_maps": {m.name: _vocab_map_fingerprint(cfg, m) for m in cfg.sources},
         }
-        target = upstream[cfg.target.name]
         items = tuple(
             WorkItem(
-                shard=s.name,
-                inputs=tuple(storage.join(upstream[m.name].url, s.name) for m in cfg.models),
-                payload={"prepare": storage.join(prepare.url, s.name)},
+                shard=name,
+                inputs=tuple(storage.join(upstream[m.name][0], name) for m in cfg.models),
+                payload={"prepare": storage.join(prepare.url, name)},
             )
-            for s in target.shards
+            for name in shards
         )
         return [
             make_plan(
@@ -222,7 +237,7 @@ class AlignFuseStage:
                 cfg,
                 output=cfg.stage_url(self.name),
                 identity=identity,
-                inputs={man.url: man.fingerprint for man in upstream.values()},
+                inputs={url: fp for url, fp in upstream.values()},
                 items=items,
             )
         ]
@@ -247,7 +262,7 @@ class AlignFuseStage:
 
     def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput:
         ac = cfg.align_fuse
-        files = [_open_parquet(u) for u in item.inputs]
+        files = [open_parquet(u) for u in item.inputs]
         ks = [
             _check_extract(pf, u, m)
             for pf, u, m in zip(files, item.inputs, cfg.models, strict=True)
@@ -261,7 +276,7 @@ class AlignFuseStage:
                 )
         prepared = None
         if ac.align_method == "offsets":
-            prepared = _open_parquet(str(item.payload["prepare"]))
+            prepared = open_parquet(str(item.payload["prepare"]))
             check_schema(
                 prepared.schema_arrow, PREPARE, where=f"prepared shard {item.payload['prepare']}"
             )

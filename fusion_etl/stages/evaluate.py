@@ -13,13 +13,12 @@ import hashlib
 import io
 import json
 import tempfile
-from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from fusion_etl import manifest, storage
 from fusion_etl.config import (
+    EnsembleConfig,
     ModelConfig,
     PipelineConfig,
     fingerprint,
@@ -27,15 +26,17 @@ from fusion_etl.config import (
     redact,
     to_dict,
 )
-from fusion_etl.errors import ConfigError, InputDataError, UserError
+from fusion_etl.errors import ConfigError
+from fusion_etl.evaluation import performance_losses, read_text_sets
 from fusion_etl.manifest import ShardRecord
+from fusion_etl.merging import performance_weights
+from fusion_etl.models import local_model_dir, model_identity
 from fusion_etl.runner import RunResult, log
-from fusion_etl.stages.extract import model_identity
 from fusion_etl.stages.train import train_paths
 
 __all__ = ["EvaluateStage", "markdown_table"]
 
-VERSION = 1
+VERSION = 2
 FILES = ("results.json", "results.md", "bits_per_byte.png")
 
 
@@ -56,27 +57,28 @@ def _read_heldout(cfg: PipelineConfig) -> tuple[dict[str, list[str]], list[list[
         raise ConfigError(
             "evaluate.input: set it to held-out jsonl files with `text` and `domain` fields"
         )
-    files = [u for u in storage.list_files(ec.input) if u.endswith((".jsonl", ".jsonl.gz"))]
-    if not files:
-        raise UserError(f"evaluate.input: no .jsonl files at {ec.input}")
-    by_domain: dict[str, list[str]] = defaultdict(list)
-    for url in files:
-        with storage.open_read(url) as fh:
-            for n, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise InputDataError(
-                        f"{url} line {n}: not valid JSON in UTF-8 ({exc})"
-                    ) from None
-                if ec.text_field not in row:
-                    raise InputDataError(f"{url} line {n}: no {ec.text_field!r} field")
-                by_domain[str(row.get(ec.domain_field, "all"))].append(str(row[ec.text_field]))
-    return dict(sorted(by_domain.items())), [
-        [storage.relative_name(ec.input, u), storage.size(u)] for u in files
-    ]
+    return read_text_sets(
+        ec.input, text_field=ec.text_field, domain_field=ec.domain_field, what="evaluate.input"
+    )
+
+
+def _member_id(cfg: PipelineConfig, m: ModelConfig) -> list[Any]:
+    """What identifies a model to score: its files, or for the trained target (and anything on
+    object storage) the train stage's fingerprint."""
+    if storage.local_path(m.path) is None or m.path == train_paths(cfg)[2]:
+        train_state = manifest.stage_state(cfg.stage_url("train")) or {}
+        return [m.name, m.path, train_state.get("fingerprint")]
+    return [m.name, model_identity(m)]
+
+
+def ensemble_weights(ens: EnsembleConfig, paths: list[str]) -> list[float]:
+    """The configured weights, uniform ones, or performance weights from validation text."""
+    if ens.weights:
+        return list(ens.weights)
+    if ens.weighting == "uniform":
+        return [1.0] * len(paths)
+    texts = [t for ts in read_text_sets(ens.validation, what="validation")[0].values() for t in ts]
+    return performance_weights(performance_losses(paths, texts), ens.temperature)
 
 
 def markdown_table(results: list[dict[str, Any]], domains: list[str]) -> str:
@@ -130,21 +132,6 @@ def _chart(results: list[dict[str, Any]], domains: list[str]) -> bytes:
     return buf.getvalue()
 
 
-def _local_model(model: ModelConfig, tmp: str) -> str:
-    """A local folder for a model that may live on object storage."""
-    local = storage.local_path(model.path)
-    if local is not None:
-        if not (local / "config.json").exists():
-            raise UserError(f"model {model.name!r}: {model.path} is not a folder with config.json")
-        return str(local)
-    target = Path(tmp) / hashlib.sha256(model.path.encode()).hexdigest()[:12]
-    for url in storage.list_files(model.path):
-        dest = target / storage.relative_name(model.path, url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(storage.read_bytes(url))
-    return str(target)
-
-
 class EvaluateStage:
     """The `evaluate` stage (see the module docstring). One job, not sharded."""
 
@@ -152,23 +139,31 @@ class EvaluateStage:
 
     def describe(self, cfg: PipelineConfig) -> tuple[str, str, dict[str, Any]]:
         _, files = _read_heldout(cfg)
-        ids: list[Any] = []
-        for m in _models(cfg):
-            if storage.local_path(m.path) is None or m.path == train_paths(cfg)[2]:
-                train_state = manifest.stage_state(cfg.stage_url("train")) or {}
-                ids.append([m.name, m.path, train_state.get("fingerprint")])
-            else:
-                ids.append([m.name, model_identity(m)])
         identity = {
             "stage": self.name,
             "version": VERSION,
             "evaluate": fingerprint_fields(cfg.evaluate),
-            "models": ids,
+            "models": [_member_id(cfg, m) for m in _models(cfg)],
+            "ensembles": [
+                [
+                    e.name,
+                    [_member_id(cfg, m) for m in e.models],
+                    read_text_sets(e.validation, what="validation")[1] if e.validation else [],
+                ]
+                for e in cfg.evaluate.ensembles
+            ],
             "input_files": files,
         }
         return cfg.stage_url(self.name), fingerprint(identity), identity
 
     def run(self, cfg: PipelineConfig, *, overwrite: bool = False) -> RunResult:
+        """Run under the output folder's lease: a second run at the same time is refused."""
+        storage.configure(cfg.storage)
+        out, fp, _ = self.describe(cfg)
+        with manifest.stage_lease(out, stage=self.name, fingerprint=fp, ttl_s=cfg.ray.lease_ttl_s):
+            return self._run(cfg, overwrite=overwrite)
+
+    def _run(self, cfg: PipelineConfig, *, overwrite: bool) -> RunResult:
         storage.configure(cfg.storage)
         out, fp, identity = self.describe(cfg)
         if manifest.is_finished(out, fp):
@@ -183,16 +178,43 @@ class EvaluateStage:
             overwrite=overwrite,
         )
         domains, _ = _read_heldout(cfg)
-        from fusion_etl.evaluation import score_texts
+        from fusion_etl.evaluation import TextScore, score_ensemble, score_texts
 
         results = []
         with tempfile.TemporaryDirectory() as tmp:
+            rows: list[tuple[str, str, Any]] = []
             for model in _models(cfg):
-                path = _local_model(model, tmp)
+                path = local_model_dir(model, tmp)
+                rows.append(
+                    (
+                        model.name,
+                        model.path,
+                        lambda texts, p=path: score_texts(p, texts, window=cfg.evaluate.max_length),
+                    )
+                )
+            for ens in cfg.evaluate.ensembles:
+                paths = [local_model_dir(m, tmp) for m in ens.models]
+                weights = ensemble_weights(ens, paths)
+                log(
+                    f"evaluate: ensemble {ens.name}: "
+                    + ", ".join(
+                        f"{m.name} {w:.3f}" for m, w in zip(ens.models, weights, strict=True)
+                    )
+                )
+                rows.append(
+                    (
+                        ens.name,
+                        " + ".join(m.path for m in ens.models),
+                        lambda texts, p=paths, w=weights: score_ensemble(
+                            p, w, texts, window=cfg.evaluate.max_length
+                        ),
+                    )
+                )
+            for name, where, scorer in rows:
                 per_domain = {}
                 total = None
                 for domain, texts in domains.items():
-                    score = score_texts(path, texts, window=cfg.evaluate.max_length)
+                    score: TextScore = scorer(texts)
                     per_domain[domain] = {
                         "bits_per_byte": score.bits_per_byte,
                         "token_perplexity": score.token_perplexity,
@@ -204,14 +226,14 @@ class EvaluateStage:
                 avg = sum(v["bits_per_byte"] for v in per_domain.values()) / len(per_domain)
                 results.append(
                     {
-                        "model": model.name,
-                        "path": model.path,
+                        "model": name,
+                        "path": where,
                         "domains": per_domain,
                         "average_bits_per_byte": avg,
                     }
                 )
                 log(
-                    f"evaluate: {model.name}: "
+                    f"evaluate: {name}: "
                     + ", ".join(f"{d} {v['bits_per_byte']:.3f}" for d, v in per_domain.items())
                     + " bits/byte"
                 )

@@ -14,19 +14,17 @@ GPU worker group.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fusion_etl import storage
-from fusion_etl.backends import Scored, Scorer, concat_scored
+from fusion_etl.backends import Scored, Scorer
 from fusion_etl.config import (
     ExtractConfig,
     ModelConfig,
@@ -35,40 +33,14 @@ from fusion_etl.config import (
 )
 from fusion_etl.errors import InputDataError, UserError
 from fusion_etl.manifest import read_manifest
+from fusion_etl.models import model_identity, require_local_model
 from fusion_etl.runner import ActorPool, ShardOutput, StagePlan, WorkItem, make_plan
-from fusion_etl.schema import PREPARE, check_schema, extract_schema
+from fusion_etl.schema import PREPARE, check_schema, extract_schema, open_parquet
 from fusion_etl.tokenization import tokenizer_fingerprint
 
-__all__ = ["ExtractStage", "scored_to_table"]
+__all__ = ["ExtractStage", "model_identity", "scored_to_table"]
 
 VERSION = 1
-
-
-def _local_model_dir(model: ModelConfig) -> str:
-    local = storage.local_path(model.path)
-    if local is None or not (local / "config.json").exists():
-        raise UserError(
-            f"model {model.name!r}: {model.path} is not a local folder with config.json "
-            "(a save_pretrained folder is needed; copy remote models to local disk first)"
-        )
-    return str(local)
-
-
-def model_identity(model: ModelConfig) -> dict[str, Any]:
-    """What identifies a model's outputs: its config, weight files (names, sizes), tokenizer."""
-    path = _local_model_dir(model)
-    with open(os.path.join(path, "config.json"), "rb") as fh:
-        config_hash = hashlib.sha256(fh.read()).hexdigest()[:16]
-    weights = sorted(
-        (name, os.path.getsize(os.path.join(path, name)))
-        for name in os.listdir(path)
-        if name.endswith((".safetensors", ".bin", ".pt"))
-    )
-    return {
-        "config": config_hash,
-        "weights": weights,
-        "tokenizer": tokenizer_fingerprint(model.tokenizer_path),
-    }
 
 
 def resolve_backend(cfg: PipelineConfig, model: ModelConfig) -> str:
@@ -89,6 +61,25 @@ def resolve_backend(cfg: PipelineConfig, model: ModelConfig) -> str:
     return "vllm" if has_gpus else "transformers"
 
 
+def resolve_extract_dtype(cfg: PipelineConfig, backend: str) -> str:
+    """`extract.dtype` made explicit for the device the model's scorer will run on, the same
+    for both backends (`fusion_etl.backends.dtypes`): float32 on CPUs, bfloat16 on GPUs.
+
+    Decided on the driver, before any actor starts, so that it enters the fingerprint: the
+    device is a GPU exactly when the scorer's actor reserves one (or, inline, when this
+    process has one).
+    """
+    from fusion_etl.backends.dtypes import resolve_dtype
+
+    if cfg.ray.executor == "inline":
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = _actor_num_gpus(cfg, backend) > 0
+    return resolve_dtype(cfg.extract.dtype, device="cuda" if on_gpu else "cpu")
+
+
 @lru_cache(maxsize=2)
 def _special_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:
     from transformers import PreTrainedTokenizerFast
@@ -101,7 +92,7 @@ def _special_ids(tokenizer_dir: str) -> tuple[int | None, int | None]:
 
 
 @lru_cache(maxsize=1)
-def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
+def _scorer(path: str, backend: str, ec: ExtractConfig, dtype: str) -> Scorer:
     """One scorer per actor process, kept across shards (the model loads once)."""
     try:
         if backend == "vllm":
@@ -111,7 +102,7 @@ def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
             return VllmScorer(
                 path,
                 top_k=ec.top_k,
-                dtype=ec.dtype,
+                dtype=dtype,
                 max_length=ec.max_length,
                 tensor_parallel_size=v.tensor_parallel_size,
                 gpu_memory_utilization=v.gpu_memory_utilization,
@@ -124,7 +115,7 @@ def _scorer(path: str, backend: str, ec: ExtractConfig) -> Scorer:
         return TransformersScorer(
             path,
             top_k=ec.top_k,
-            dtype=ec.dtype,
+            dtype=dtype,
             batch_tokens=ec.batch_tokens,
             max_length=ec.max_length,
         )
@@ -188,11 +179,13 @@ class ExtractStage:
         plans = []
         for model in cfg.models:
             backend = resolve_backend(cfg, model)
+            dtype = resolve_extract_dtype(cfg, backend)
             identity = {
                 "stage": self.name,
                 "version": VERSION,
                 "model": model_identity(model),
                 "backend": backend,
+                "dtype": dtype,
                 "extract": fingerprint_fields(cfg.extract),
                 "prepare": upstream.fingerprint,
             }
@@ -200,7 +193,7 @@ class ExtractStage:
                 WorkItem(
                     shard=s.name,
                     inputs=(storage.join(upstream.url, s.name),),
-                    payload={"model": model.name, "backend": backend},
+                    payload={"model": model.name, "backend": backend, "dtype": dtype},
                 )
                 for s in upstream.shards
             )
@@ -222,13 +215,7 @@ class ExtractStage:
     def actor_pool(self, cfg: PipelineConfig, plan: StagePlan) -> ActorPool | None:
         ec = cfg.extract
         backend = str(plan.items[0].payload["backend"]) if plan.items else "transformers"
-        num_gpus = ec.num_gpus
-        if num_gpus < 0:
-            num_gpus = (
-                float(ec.vllm.tensor_parallel_size)
-                if backend == "vllm" and _cluster_has_gpus(cfg)
-                else 0.0
-            )
+        num_gpus = _actor_num_gpus(cfg, backend)
         options: dict[str, Any] = {"num_cpus": ec.num_cpus, "num_gpus": num_gpus}
         if ec.accelerator_type:
             options["accelerator_type"] = ec.accelerator_type
@@ -242,17 +229,16 @@ class ExtractStage:
         return ActorPool(size=ec.actors, options=options)
 
     def process(self, cfg: PipelineConfig, item: WorkItem) -> ShardOutput:
+        """Score a prepared shard in runs of `extract.docs_per_call` documents, each run read,
+        scored and written as one row group: memory is bounded by a run, not by the shard."""
         ec = cfg.extract
         model = next(m for m in cfg.models if m.name == item.payload["model"])
         backend = str(item.payload["backend"])
         shard_url = item.inputs[0]
-        with storage.open_read(shard_url, compression=None) as fh:
-            table = pq.read_table(fh)
-        check_schema(table.schema, PREPARE, where=f"prepared shard {shard_url}")
-        doc_ids = table.column("doc_id").to_pylist()
-        texts = table.column("text").to_pylist()
+        prepared = open_parquet(shard_url)
+        check_schema(prepared.schema_arrow, PREPARE, where=f"prepared shard {shard_url}")
 
-        path = _local_model_dir(model)
+        path = require_local_model(model)
         tok_dir = storage.local_path(model.tokenizer_path)
         bos, eos = _special_ids(str(tok_dir) if tok_dir else path)
         if ec.add_eos and eos is None:
@@ -266,44 +252,39 @@ class ExtractStage:
         from fusion_etl.tokenization import load_tokenizer
 
         tokenizer = load_tokenizer(model.tokenizer_path)
-        encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
         prefix = [bos] if ec.add_bos else []
         suffix = [eos] if ec.add_eos else []
-        docs = [np.array(prefix + e.ids + suffix, dtype=np.int32) for e in encoded]
+        stats = {"tokens": 0}
 
-        scorer = _scorer(path, backend, ec)
-        for doc_id, doc in zip(doc_ids, docs, strict=True):
-            if len(doc) > scorer.max_length:
-                raise InputDataError(
-                    f"document {doc_id!r} has {len(doc)} tokens under {model.name!r}, more than its maximum "
-                    f"length {scorer.max_length}; rerun prepare with prepare.block_size at most "
-                    f"{scorer.max_length} (plus prepare.margin) so that it splits such documents"
+        dtype = str(item.payload["dtype"])
+
+        def batches() -> Iterator[pa.Table]:
+            scorer = _scorer(path, backend, ec, dtype)
+            if scorer.dtype != dtype:
+                raise RuntimeError(
+                    f"model {model.name!r}: planned for {dtype} but the {backend} scorer runs in "
+                    f"{scorer.dtype} (it landed on a different device than the plan assumed)"
                 )
-            if len(doc) == 0:
-                raise InputDataError(f"document {doc_id!r} has no tokens under {model.name!r}")
-        parts = [
-            scorer.score(docs[i : i + ec.docs_per_call])
-            for i in range(0, len(docs), ec.docs_per_call)
-        ]
-        scored = (
-            concat_scored(parts)
-            if parts
-            else Scored(
-                np.zeros(0, np.int64),
-                np.zeros((0, ec.top_k), np.int32),
-                np.zeros((0, ec.top_k), np.float32),
-                np.zeros(0, np.float32),
-            )
-        )
-        num_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
-        out = scored_to_table(
-            doc_ids,
-            docs if docs else [np.zeros(0, np.int32)],
-            num_bytes,
-            scored,
-            k=ec.top_k,
-            logprob_dtype=ec.logprob_dtype,
-        )
+            try:
+                for batch in prepared.iter_batches(
+                    batch_size=ec.docs_per_call, columns=["doc_id", "text"]
+                ):
+                    if batch.num_rows == 0:
+                        continue
+                    doc_ids = batch.column(0).to_pylist()
+                    texts = batch.column(1).to_pylist()
+                    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+                    docs = [np.array(prefix + e.ids + suffix, dtype=np.int32) for e in encoded]
+                    _check_lengths(doc_ids, docs, model.name, scorer.max_length)
+                    scored = scorer.score(docs)
+                    num_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
+                    stats["tokens"] += int(scored.lengths.sum())
+                    yield scored_to_table(
+                        doc_ids, docs, num_bytes, scored, k=ec.top_k, logprob_dtype=ec.logprob_dtype
+                    )
+            finally:
+                prepared.close()
+
         metadata = {
             "fusion_etl.model_name": model.name,
             "fusion_etl.model_path": model.path,
@@ -312,12 +293,41 @@ class ExtractStage:
             "fusion_etl.logprob_dtype": ec.logprob_dtype,
             "fusion_etl.tokenizer_fingerprint": tokenizer_fingerprint(model.tokenizer_path),
             "fusion_etl.backend": backend,
+            "fusion_etl.dtype": dtype,
             "fusion_etl.add_eos": str(ec.add_eos).lower(),
             "fusion_etl.add_bos": str(ec.add_bos).lower(),
         }
         return ShardOutput(
-            table=out, stats={"tokens": int(scored.lengths.sum())}, metadata=metadata
+            batches=batches(),
+            schema=extract_schema(ec.top_k, ec.logprob_dtype),
+            stats=stats,
+            metadata=metadata,
         )
+
+
+def _actor_num_gpus(cfg: PipelineConfig, backend: str) -> float:
+    """GPUs per extract actor: extract.num_gpus, or by default the tensor-parallel size for
+    vLLM on a cluster with GPUs and none otherwise."""
+    ec = cfg.extract
+    if ec.num_gpus >= 0:
+        return ec.num_gpus
+    if backend == "vllm" and _cluster_has_gpus(cfg):
+        return float(ec.vllm.tensor_parallel_size)
+    return 0.0
+
+
+def _check_lengths(
+    doc_ids: list[str], docs: list[npt.NDArray[np.int32]], model: str, max_length: int
+) -> None:
+    for doc_id, doc in zip(doc_ids, docs, strict=True):
+        if len(doc) > max_length:
+            raise InputDataError(
+                f"document {doc_id!r} has {len(doc)} tokens under {model!r}, more than its maximum "
+                f"length {max_length}; rerun prepare with prepare.block_size at most "
+                f"{max_length} (plus prepare.margin) so that it splits such documents"
+            )
+        if len(doc) == 0:
+            raise InputDataError(f"document {doc_id!r} has no tokens under {model!r}")
 
 
 def _cluster_has_gpus(cfg: PipelineConfig) -> bool:

@@ -1,9 +1,11 @@
 """`train`: continual training of the target on the fused shards with Ray Train (V2).
 
-Reads the `align_fuse` manifest, feeds its shards through Ray Data to a `TorchTrainer`
-(`train.num_workers` workers), checkpoints to `train.storage_path` (any fsspec URL, `s3://`
-included) every `train.checkpoint_every` steps, and exports the final model with
-`save_pretrained` plus the target's tokenizer to `train.output`.
+Reads the `align_fuse` manifest and the row-group table of its shards (footers only), checks
+the memory plan (`fusion_etl.train.memory`) before anything starts, and runs a `TorchTrainer`
+of `train.num_workers` workers (FSDP2 or DDP, `train.strategy`) that read their own parts of
+the fused data in a seeded order (`fusion_etl.train.reader`), checkpoint sharded state to
+`train.storage_path` (any fsspec URL, `s3://` included) every `train.checkpoint_every` steps,
+and export the final model as safetensors plus the target's tokenizer to `train.output`.
 
 Idempotent like every stage: `<run_dir>/train/_stage.json` holds the fingerprint; a finished
 run is not repeated; an interrupted one resumes from its last checkpoint (same run name and
@@ -23,14 +25,13 @@ from fusion_etl import manifest, storage
 from fusion_etl.config import PipelineConfig, fingerprint, fingerprint_fields, redact, to_dict
 from fusion_etl.errors import UserError
 from fusion_etl.manifest import ShardRecord, read_manifest
+from fusion_etl.models import model_identity
 from fusion_etl.runner import RunResult, log
-from fusion_etl.stages.extract import model_identity
-from fusion_etl.train.data import count_blocks
+from fusion_etl.train.memory import MemoryPlan, memory_plan, resolve_strategy
 
-__all__ = ["TrainStage", "train_paths"]
+__all__ = ["TrainStage", "check_memory", "train_memory_plan", "train_paths"]
 
-VERSION = 1
-COLUMNS = ["input_ids", "fused_ids", "fused_probs"]
+VERSION = 2
 
 
 def train_paths(cfg: PipelineConfig) -> tuple[str, str, str]:
@@ -41,6 +42,30 @@ def train_paths(cfg: PipelineConfig) -> tuple[str, str, str]:
         cfg.train.storage_path or storage.join(out, "ray"),
         cfg.train.output or storage.join(out, "model"),
     )
+
+
+def train_memory_plan(cfg: PipelineConfig) -> MemoryPlan:
+    """The memory plan of the train stage, from the target's config.json alone."""
+    url = storage.join(cfg.target.path, "config.json")
+    if not storage.exists(url):
+        raise UserError(f"target {cfg.target.name!r}: no config.json at {cfg.target.path}")
+    config = storage.read_json(url)
+    k = cfg.align_fuse.top_k or cfg.extract.top_k
+    return memory_plan(config, cfg.train, top_k=k)
+
+
+def check_memory(cfg: PipelineConfig, *, breakdown: bool = True) -> MemoryPlan:
+    """The memory plan, or a `UserError` naming the fixes if it does not fit (with the plan's
+    breakdown unless the caller printed it already)."""
+    plan = train_memory_plan(cfg)
+    if not plan.fits:
+        raise UserError(
+            f"train: the memory plan does not fit: {plan.total / 2**30:.1f} GiB per worker needed, "
+            f"{plan.budget / 2**30:.1f} GiB available ({plan.accelerator}); fixes: "
+            + "; ".join(plan.fixes())
+            + (f"\n{plan.render()}" if breakdown else "")
+        )
+    return plan
 
 
 def _arrow_filesystem(url: str) -> tuple[Any, str]:
@@ -74,6 +99,10 @@ def _absolute(cfg: PipelineConfig) -> PipelineConfig:
     return replace(cfg, run_dir=fix(cfg.run_dir), target=target, train=train)
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 class TrainStage:
     """The `train` stage (see the module docstring). Not sharded: one Ray Train run."""
 
@@ -89,10 +118,18 @@ class TrainStage:
             "align_fuse": upstream.fingerprint,
             "model": model_identity(cfg.target),
             "num_workers": cfg.train.num_workers,  # the data layout and the batch depend on it
+            "strategy": resolve_strategy(cfg.train),
         }
         return cfg.stage_url(self.name), fingerprint(identity), identity
 
     def run(self, cfg: PipelineConfig, *, overwrite: bool = False) -> RunResult:
+        """Run under the output folder's lease: a second run at the same time is refused."""
+        storage.configure(cfg.storage)
+        out, fp, _ = self.describe(_absolute(cfg))
+        with manifest.stage_lease(out, stage=self.name, fingerprint=fp, ttl_s=cfg.ray.lease_ttl_s):
+            return self._run(cfg, overwrite=overwrite)
+
+    def _run(self, cfg: PipelineConfig, *, overwrite: bool) -> RunResult:
         from fusion_etl.ray_utils import init_ray
 
         storage.configure(cfg.storage)
@@ -101,6 +138,7 @@ class TrainStage:
         upstream = read_manifest(cfg.stage_url("align_fuse"), stage="align_fuse")
         out, fp, identity = self.describe(cfg)
         out, ckpt_url, output = train_paths(cfg)
+        mem = check_memory(cfg)
         state = manifest.stage_state(out)
         if manifest.is_finished(out, fp):
             log(f"train: up to date (fingerprint {fp}); the model is at {output}")
@@ -118,36 +156,40 @@ class TrainStage:
             overwrite=overwrite,
         )
 
-        total_tokens = sum(s.stats.get("tokens", 0) for s in upstream.shards)
-        n_blocks = count_blocks(total_tokens, tc.block_size, tc.keep_remainder)
+        from fusion_etl.train.loop import epoch_plans
+        from fusion_etl.train.reader import unit_table
+
+        shard_urls = upstream.shard_urls()
+        units = unit_table(shard_urls)
+        plans = epoch_plans(cfg, units)
+        total_steps = sum(p.steps for p in plans)
+        total_tokens = sum(u.tokens for u in units)
         per_step = tc.num_workers * tc.grad_accum * tc.micro_batch
-        steps_per_epoch = n_blocks // per_step
-        if steps_per_epoch == 0:
+        if total_steps == 0:
             raise UserError(
-                f"train: {total_tokens} tokens make {n_blocks} blocks of {tc.block_size}, fewer than one step needs "
-                f"({per_step} = num_workers x grad_accum x micro_batch); lower train.block_size or the batch"
+                f"train: {total_tokens} tokens in {len(units)} row groups give every one of {tc.num_workers} workers "
+                f"fewer blocks of {tc.block_size} than one step needs ({tc.grad_accum * tc.micro_batch} = "
+                "grad_accum x micro_batch each); lower train.block_size, the batch or the workers"
             )
-        unused = n_blocks - steps_per_epoch * per_step
+        unused = sum(p.unused_blocks for p in plans)
         log(
-            f"train: {total_tokens} tokens -> {n_blocks} blocks of {tc.block_size}; {steps_per_epoch} steps per epoch "
-            f"x {tc.epochs} epochs on {tc.num_workers} workers; lambda {tc.lam}"
+            f"train: {total_tokens} tokens in {len(units)} row groups; {total_steps} steps "
+            f"({', '.join(str(p.steps) for p in plans)} per epoch) of {per_step} blocks of {tc.block_size} "
+            f"on {tc.num_workers} workers ({mem.strategy}, {mem.precision}); lambda {tc.lam}; "
+            f"data {'shuffled with seed ' + str(tc.seed) if tc.shuffle else 'in manifest order'}"
             + (
-                f"; the last {unused} blocks do not fill a step and are not trained"
+                f"; {unused} blocks do not fill a step on every worker and are not trained"
                 if unused
                 else ""
             )
         )
 
         init_ray(cfg.ray)
-        import ray.data
-        from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         from fusion_etl.train.loop import train_loop
 
-        data_fs, _ = _arrow_filesystem(upstream.url)
-        files = [_arrow_filesystem(u)[1] for u in upstream.shard_urls()]
-        ds = ray.data.read_parquet(files, filesystem=data_fs, columns=COLUMNS, shuffle=None)
         ckpt_fs, ckpt_path = _arrow_filesystem(ckpt_url)
         resources: dict[str, float] = {"CPU": tc.cpus_per_worker}
         if tc.use_gpu:
@@ -157,24 +199,25 @@ class TrainStage:
             train_loop,
             train_loop_config={
                 "cfg": cfg,
-                "steps_per_epoch": steps_per_epoch,
+                "units": units,
+                "shard_urls": shard_urls,
                 "model_path": cfg.target.path,
                 "output": output,
+                "checkpoint_url": storage.join(ckpt_url, tc.run_name),
             },
             scaling_config=ScalingConfig(
-                num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+                num_workers=tc.num_workers,
+                use_gpu=tc.use_gpu,
+                resources_per_worker=resources,
+                accelerator_type=tc.accelerator_type,
             ),
             run_config=RunConfig(
                 name=tc.run_name,
                 storage_path=ckpt_path,
                 storage_filesystem=ckpt_fs,
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-            datasets={"train": ds},
-            # Not split: every worker reads the same ordered stream and takes its own blocks.
-            dataset_config=DataConfig(
-                datasets_to_split=[],
-                execution_options=ray.data.ExecutionOptions(preserve_order=True),
+                # Ray Train V2 RunConfig (mypy sees the V1 class ray.train re-exports).
+                worker_runtime_env={"env_vars": dict(tc.env_vars)} if tc.env_vars else None,  # type: ignore[call-arg]
             ),
         )
         started = time.monotonic()
@@ -194,13 +237,32 @@ class TrainStage:
                     seconds=0.0,
                 )
             )
+        read = [int(b) for b in metrics.get("bytes_read_per_worker", [])]
+        peaks = [int(b) for b in metrics.get("peak_memory_per_worker", [])]
+        fused_bytes = upstream.bytes
+        if read:
+            log(
+                f"train: fused data read per worker: {', '.join(_mib(b) for b in read)} "
+                f"(all fused shards {_mib(fused_bytes)}, 1/{tc.num_workers} of it {_mib(fused_bytes / tc.num_workers)})"
+            )
+        if peaks and min(peaks) >= 0:
+            log(
+                f"train: peak memory per worker above its start: {', '.join(_mib(b) for b in peaks)} "
+                f"(plan: {_mib(mem.total - mem.reserve)})"
+            )
         storage.write_json(
             storage.join(out, "result.json"),
             {
                 "metrics": metrics,
-                "steps": steps_per_epoch * tc.epochs,
+                "steps": total_steps,
                 "output": output,
                 "seconds": time.monotonic() - started,
+                "strategy": mem.strategy,
+                "bytes_read_per_worker": read,
+                "fused_bytes": fused_bytes,
+                "peak_memory_per_worker": peaks,
+                "memory_plan": {name: b for name, b in mem.lines},
+                "memory_plan_total": mem.total - mem.reserve,
             },
         )
         manifest.write_manifest(
@@ -212,6 +274,6 @@ class TrainStage:
             records=records,
         )
         log(
-            f"train: done, {steps_per_epoch * tc.epochs} steps; final {json.dumps({k: metrics.get(k) for k in ('loss', 'clm_loss', 'fusion_loss', 'clm_perplexity')})}; model at {output}"
+            f"train: done, {total_steps} steps; final {json.dumps({k: metrics.get(k) for k in ('loss', 'clm_loss', 'fusion_loss', 'clm_perplexity')})}; model at {output}"
         )
         return RunResult(self.name, 1, 0, 1, True, tuple(records))

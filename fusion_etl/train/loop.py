@@ -1,10 +1,15 @@
 """The Ray Train (V2) loop: runs on every worker.
 
-Data position. Every worker reads the fused shards in manifest order (Ray Data, not split) and
-packs the same sequence of blocks; worker r trains global blocks g with g % world == r, and step
-s uses local blocks [s * A * B, (s + 1) * A * B) (A = gradient accumulation, B = micro batch).
-A resumed run skips exactly the blocks of the steps in its checkpoint, so no block is trained
-twice or skipped, whatever happened to the processes in between.
+Data. The stage hands every worker the same unit table (the row groups of the fused shards) and
+every worker derives the same epoch plans from it (`fusion_etl.train.data.plan_epochs`): worker
+r reads only its own units, in the seeded order, packs them into blocks, and trains step s of an
+epoch on its local blocks [s * A * B, (s + 1) * A * B) (A = gradient accumulation, B = micro
+batch). A resumed run starts each worker's stream at exactly the first block of its next step,
+so no block is trained twice or skipped, whatever happened to the processes in between.
+
+Model. FSDP2 or DDP (`fusion_etl.train.parallel`), sharded checkpoints every
+`checkpoint_every` steps (`fusion_etl.train.checkpoint`), and at the end a streamed
+safetensors export of the final weights.
 """
 
 from __future__ import annotations
@@ -21,13 +26,11 @@ from typing import Any
 import numpy as np
 
 from fusion_etl.config import PipelineConfig
-from fusion_etl.schema import list_rows
-from fusion_etl.train.data import Block, pack_blocks
+from fusion_etl.train.data import Block, EpochPlan, Unit, plan_epochs, worker_blocks
 from fusion_etl.train.loss import fusion_loss
+from fusion_etl.train.memstat import local_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
-__all__ = ["export_model", "lr_factor", "train_loop"]
-
-CHECKPOINT_FILE = "state.pt"
+__all__ = ["epoch_plans", "lr_factor", "train_loop"]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -43,25 +46,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _docs(shard: Any) -> Iterator[tuple[Any, Any, Any]]:
-    """(input_ids, fused_ids, fused_probs) per document from a Ray Data iterator, in order."""
-    for batch in shard.iter_batches(batch_size=64, batch_format="pyarrow", prefetch_batches=1):
-        k = batch.schema.field("fused_ids").type.value_type.list_size
-        yield from zip(
-            list_rows(batch.column("input_ids")),
-            list_rows(batch.column("fused_ids"), k),
-            list_rows(batch.column("fused_probs"), k),
-            strict=True,
-        )
-
-
-def _local_blocks(shard: Any, cfg: PipelineConfig, rank: int, world: int) -> Iterator[Block]:
+def epoch_plans(cfg: PipelineConfig, units: list[Unit]) -> list[EpochPlan]:
+    """The epoch plans of a config (the stage and every worker compute the same ones)."""
     tc = cfg.train
-    for g, block in enumerate(
-        pack_blocks(_docs(shard), tc.block_size, keep_remainder=tc.keep_remainder)
-    ):
-        if g % world == rank:
-            yield block
+    return plan_epochs(
+        units,
+        world=tc.num_workers,
+        epochs=tc.epochs,
+        seed=tc.seed,
+        shuffle=tc.shuffle,
+        block_size=tc.block_size,
+        keep_remainder=tc.keep_remainder,
+        blocks_per_step=tc.grad_accum * tc.micro_batch,
+    )
 
 
 def _stack(blocks: list[Block], device: Any) -> dict[str, Any]:
@@ -75,37 +72,110 @@ def _stack(blocks: list[Block], device: Any) -> dict[str, Any]:
     }
 
 
+class _Progress:
+    """Loss and throughput since the last report, and the progress line rank 0 prints."""
+
+    def __init__(self, total_steps: int, world: int) -> None:
+        self.total_steps = total_steps
+        self.world = world
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {"loss": 0.0, "clm": 0.0, "fusion": 0.0}
+        self.steps = 0
+        self.tokens = 0
+        self.started = time.monotonic()
+
+    def add(self, loss: float, clm: float, fusion: float, tokens: int) -> None:
+        self.sums["loss"] += loss
+        self.sums["clm"] += clm
+        self.sums["fusion"] += fusion
+        self.tokens += tokens
+
+    def metrics(self, step: int, epoch: int, lr: float) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        clm = self.sums["clm"] / n
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        return {
+            "step": step,
+            "epoch": epoch,
+            "loss": self.sums["loss"] / n,
+            "clm_loss": clm,
+            "fusion_loss": self.sums["fusion"] / n,
+            "clm_perplexity": math.exp(min(clm, 50.0)),
+            "lr": lr,
+            "tokens": self.tokens,
+            # Every worker trains as many tokens per step (padding aside): the cluster's rate.
+            "tokens_per_s": self.tokens * self.world / seconds,
+        }
+
+    def line(self, m: dict[str, Any]) -> str:
+        return (
+            f"[fusion-etl] train: step {m['step']}/{self.total_steps} loss {m['loss']:.4f} "
+            f"clm {m['clm_loss']:.4f} (ppl {m['clm_perplexity']:.2f}) fusion {m['fusion_loss']:.4f} "
+            f"lr {m['lr']:.2e} {m['tokens_per_s']:,.0f} tokens/s"
+        )
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point; `config` holds the pipeline config and the plan's numbers."""
+    """Ray Train entry point; `config` holds the pipeline config, the unit table, the shard
+    URLs and where the model goes."""
     import ray.train
     import ray.train.torch
     import torch
     from ray.train import Checkpoint
     from transformers import AutoModelForCausalLM
 
+    from fusion_etl import storage
+    from fusion_etl.train.checkpoint import export_model, load_checkpoint
+    from fusion_etl.train.memory import resolve_strategy
+    from fusion_etl.train.parallel import wrap_model
+    from fusion_etl.train.reader import UnitReader
+
     cfg: PipelineConfig = config["cfg"]
     tc = cfg.train
-    steps_per_epoch: int = config["steps_per_epoch"]
-    total_steps = steps_per_epoch * tc.epochs
+    storage.configure(cfg.storage)
+    units: list[Unit] = config["units"]
+    plans = epoch_plans(cfg, units)
+    total_steps = sum(p.steps for p in plans)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     device = ray.train.torch.get_device()
-    use_bf16 = tc.precision == "bf16" or (
+    bf16 = tc.precision == "bf16" or (
         tc.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
+    strategy = resolve_strategy(tc)
 
     model: Any = AutoModelForCausalLM.from_pretrained(config["model_path"], dtype=torch.float32)
     model.config.use_cache = False
-    model = ray.train.torch.prepare_model(model)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    par = wrap_model(
+        model,
+        strategy=strategy,
+        world=world,
+        device=device,
+        bf16=bf16,
+        cpu_offload=tc.cpu_offload and device.type == "cuda",
+        activation_checkpointing=tc.activation_checkpointing,
+    )
+    params = list(par.model.parameters())
+    # Peak memory is measured from here: the libraries' code is loaded and the parameters this
+    # worker holds are known, so what the measurement adds up is the training state the memory
+    # plan counts (parameters, gradients, optimizer state, activations, logits, buffers).
+    held = local_bytes(params)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+        measured, baseline = True, 0
+    else:
+        measured = reset_peak_rss()
+        baseline = rss_bytes() - held
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": tc.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ],
         lr=tc.lr,
         betas=(tc.beta1, tc.beta2),
@@ -117,154 +187,137 @@ def train_loop(config: dict[str, Any]) -> None:
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(
-                os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False
-            )
-        unwrapped = model.module if hasattr(model, "module") else model
-        unwrapped.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
+        url = storage.join(config["checkpoint_url"], os.path.basename(checkpoint.path))
+        start_step = load_checkpoint(url, model=par.model, optimizer=optimizer, scheduler=scheduler)
         if rank == 0:
             print(
                 f"[fusion-etl] train: resumed from checkpoint at step {start_step} of {total_steps}",
                 flush=True,
             )
 
+    reader = UnitReader(config["shard_urls"])
     per_step = tc.grad_accum * tc.micro_batch
-    shard = ray.train.get_dataset_shard("train")
+    progress = _Progress(total_steps, world)
+    # This worker's losses per step trained by this run (rank 0's are reported).
+    curve: list[float] = []
+    clm_curve: list[float] = []
     step = start_step
-    window: dict[str, float] = {"loss": 0.0, "clm": 0.0, "fusion": 0.0, "n": 0.0, "tokens": 0.0}
-    started = time.monotonic()
-    while step < total_steps:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        blocks = _local_blocks(shard, cfg, rank, world)
-        skipped = 0
-        # Skip the blocks of the steps this epoch already trained (after a resume).
-        while skipped < in_epoch * per_step:
-            next(blocks)
-            skipped += 1
-        for _ in range(in_epoch, steps_per_epoch):
-            model.train()
+    done_before = 0
+    for plan in plans:
+        if step >= done_before + plan.steps:
+            done_before += plan.steps
+            continue
+        in_epoch = step - done_before
+        blocks: Iterator[Block] = worker_blocks(
+            plan,
+            rank,
+            units,
+            reader,
+            seed=tc.seed,
+            shuffle=tc.shuffle,
+            window=tc.shuffle_window,
+            block_size=tc.block_size,
+            keep_remainder=tc.keep_remainder,
+            start_block=in_epoch * per_step,
+        )
+        for _ in range(in_epoch, plan.steps):
+            par.model.train()
             optimizer.zero_grad(set_to_none=True)
+            loss = clm = fusion = 0.0
+            tokens = 0
             for micro in range(tc.grad_accum):
                 batch = _stack([next(blocks) for _ in range(tc.micro_batch)], device)
                 # Gradients are synchronised once per step, on its last micro-batch.
-                sync = micro == tc.grad_accum - 1 or not hasattr(model, "no_sync")
-                context = model.no_sync() if not sync else nullcontext()
                 with (
-                    context,
-                    torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16),
+                    par.gradient_sync(micro == tc.grad_accum - 1),
+                    torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                    if par.autocast_bf16
+                    else nullcontext(),
                 ):
-                    logits = model(input_ids=batch["input_ids"]).logits
+                    logits = par.model(input_ids=batch["input_ids"]).logits
                     parts = fusion_loss(
-                        logits, batch["labels"], batch["fused_ids"], batch["fused_probs"], tc.lam
+                        logits,
+                        batch["labels"],
+                        batch["fused_ids"],
+                        batch["fused_probs"],
+                        tc.lam,
+                        topk_mass=tc.topk_mass,
                     )
                     (parts.total / tc.grad_accum).backward()
-                window["loss"] += float(parts.total.detach()) / tc.grad_accum
-                window["clm"] += float(parts.clm) / tc.grad_accum
-                window["fusion"] += float(parts.fusion) / tc.grad_accum
-                window["tokens"] += parts.tokens
-            window["n"] += 1
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                loss += float(parts.total.detach()) / tc.grad_accum
+                clm += float(parts.clm) / tc.grad_accum
+                fusion += float(parts.fusion) / tc.grad_accum
+                tokens += parts.tokens
+                del logits, parts, batch
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
+            progress.steps += 1
+            progress.add(loss, clm, fusion, tokens)
+            curve.append(loss)
+            clm_curve.append(clm)
             last = step == total_steps
+            lr = float(scheduler.get_last_lr()[0])
+            if rank == 0 and (step % tc.log_every == 0 or last):
+                print(progress.line(progress.metrics(step, plan.epoch, lr)), flush=True)
             if step % tc.checkpoint_every == 0 or last:
-                _report(
-                    window,
-                    step,
-                    epoch,
-                    total_steps,
-                    scheduler,
-                    started,
-                    rank,
-                    model,
-                    optimizer,
-                    Checkpoint,
-                    ray.train,
-                )
-                window = {"loss": 0.0, "clm": 0.0, "fusion": 0.0, "n": 0.0, "tokens": 0.0}
-            if last:
-                break
-    if rank == 0:
-        unwrapped = model.module if hasattr(model, "module") else model
-        export_model(unwrapped, cfg, config["output"])
+                metrics = progress.metrics(step, plan.epoch, lr)
+                if last:
+                    metrics["loss_curve"] = curve
+                    metrics["clm_curve"] = clm_curve
+                    metrics.update(
+                        _gathered(
+                            world,
+                            bytes_read=reader.bytes_read[0],
+                            peak_memory=(
+                                int(torch.cuda.max_memory_allocated(device))
+                                if on_gpu
+                                else peak_rss_bytes() - baseline
+                            )
+                            if measured
+                            else -1,
+                        )
+                    )
+                _report(metrics, step, rank, par.model, optimizer, scheduler, Checkpoint, ray.train)
+                progress.reset()
+        done_before += plan.steps
+    reader.close()
+    export_model(par.module, cfg, config["output"], rank=rank)
 
 
-def export_model(model: Any, cfg: PipelineConfig, output: str) -> list[str]:
-    """save_pretrained the model with the target's tokenizer, then upload every file to
-    `output` (any storage URL); returns the uploaded file names."""
-    from transformers import PreTrainedTokenizerFast
+def _gathered(world: int, **values: int) -> dict[str, list[int]]:
+    """Each value of every rank, as lists indexed by rank (rank 0 reports them)."""
+    import torch.distributed as dist
 
-    from fusion_etl import storage
-
-    storage.configure(cfg.storage)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.target.tokenizer_path)
-    with tempfile.TemporaryDirectory() as d:
-        model.save_pretrained(d)
-        tokenizer.save_pretrained(d)
-        names = sorted(os.listdir(d))
-        for name in names:
-            with open(os.path.join(d, name), "rb") as fh:
-                storage.write_bytes(storage.join(output, name), fh.read())
-    return names
+    mine = dict(values)
+    if world == 1 or not dist.is_initialized():
+        return {f"{k}_per_worker": [v] for k, v in mine.items()}
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {f"{k}_per_worker": [int(d[k]) for d in everyone] for k in mine}
 
 
 def _report(
-    window: dict[str, float],
+    metrics: dict[str, Any],
     step: int,
-    epoch: int,
-    total_steps: int,
-    scheduler: Any,
-    started: float,
     rank: int,
     model: Any,
     optimizer: Any,
+    scheduler: Any,
     checkpoint_cls: Any,
     train: Any,
 ) -> None:
-    import torch
+    """A sharded checkpoint from every rank (Ray Train merges the directories) and the
+    metrics (rank 0's are kept)."""
+    from fusion_etl.train.checkpoint import save_checkpoint
 
-    n = max(window["n"], 1.0)
-    clm = window["clm"] / n
-    metrics = {
-        "step": step,
-        "epoch": epoch,
-        "loss": window["loss"] / n,
-        "clm_loss": clm,
-        "fusion_loss": window["fusion"] / n,
-        "clm_perplexity": math.exp(min(clm, 50.0)),
-        "lr": scheduler.get_last_lr()[0],
-        "tokens": window["tokens"],
-        "seconds": time.monotonic() - started,
-    }
-    if rank == 0:
-        print(
-            f"[fusion-etl] train: step {step}/{total_steps} loss {metrics['loss']:.4f} "
-            f"clm {clm:.4f} (ppl {metrics['clm_perplexity']:.2f}) fusion {metrics['fusion_loss']:.4f} "
-            f"lr {metrics['lr']:.2e}",
-            flush=True,
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(
+            d, model=model, optimizer=optimizer, scheduler=scheduler, step=step, rank=rank
         )
-        unwrapped = model.module if hasattr(model, "module") else model
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(
-                {
-                    "model": unwrapped.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "torch_rng": torch.get_rng_state(),
-                },
-                os.path.join(d, CHECKPOINT_FILE),
-            )
-            train.report(
-                metrics,
-                checkpoint=checkpoint_cls.from_directory(d),
-                checkpoint_dir_name=f"step_{step:08d}",
-            )
-    else:
-        train.report(metrics)
+        train.report(
+            metrics,
+            checkpoint=checkpoint_cls.from_directory(d),
+            checkpoint_dir_name=f"step_{step:08d}",
+        )
