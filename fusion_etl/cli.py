@@ -272,16 +272,11 @@ def _print_results(cfg: PipelineConfig) -> None:
 def _plan(cfg: PipelineConfig, stage: str) -> int:
     from fusion_etl.pipeline import stage_names
     from fusion_etl.stages import WholeStage, get_stage, is_whole, lookup
-    from fusion_etl.stages.train import TrainStage
 
     storage.configure(cfg.storage)
     for name in stage_names(stage):
         whole = lookup(name)
         try:
-            if isinstance(whole, TrainStage):
-                from fusion_etl.stages.train import train_memory_plan
-
-                print(train_memory_plan(cfg).render())
             if is_whole(whole):
                 out, fp, _ = cast(WholeStage, whole).describe(cfg)
                 _print_plan(name, out, fp, None)
@@ -555,6 +550,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             )
         if args.command == "run":
+            from fusion_etl.pipeline import stage_names
+
+            if args.shards is not None and args.stage == "all":
+                raise UserError("--shards needs a single stage, not 'all'")
+            if "train" in stage_names(args.stage, args.until):
+                from fusion_etl.stages.train import check_memory
+
+                check_memory(cfg)  # from the config alone: before storage is even dialled
             _check_storage(cfg)
             return _routed(
                 cfg.run_dir,
@@ -565,9 +568,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             )
         if args.command == "plan":
-            _check_storage(cfg)
             if args.estimate:
+                # An estimate works from the config alone where storage cannot be reached.
+                storage.configure(cfg.storage)
                 return _estimate(cfg, args.config, args.stage)
+            from fusion_etl.pipeline import stage_names
+            from fusion_etl.stages.train import train_memory_plan
+
+            if "train" in stage_names(args.stage):
+                # From the config alone: shown even where storage cannot be reached.
+                print(train_memory_plan(cfg).render(), flush=True)
+            _check_storage(cfg)
             return _plan(cfg, args.stage)
     except UserError as exc:
         # One line, whatever a library put in the message.

@@ -431,6 +431,19 @@ def acquire_lease(out_url: str, *, stage: str, fingerprint: str, ttl_s: float) -
         "renewed": now,
         "expires": now + ttl_s,
     }
+    # Known as this process's own before it can be seen: another thread of this process that
+    # reads it mid-acquire must not take it for one an earlier run here left behind.
+    _HELD.add(str(record["holder"]))
+    try:
+        return _acquire(url, out_url, record, stage=stage, ttl_s=ttl_s)
+    except BaseException:
+        _HELD.discard(str(record["holder"]))
+        raise
+
+
+def _acquire(
+    url: str, out_url: str, record: dict[str, Any], *, stage: str, ttl_s: float
+) -> StageLease:
     for _ in range(5):
         try:
             storage.write_json(url, record, exclusive=True)
