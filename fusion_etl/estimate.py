@@ -446,8 +446,14 @@ def estimate(cfg: PipelineConfig) -> Estimate:
         # tokens under any tokenizer into pieces that fit all of them.
         pieces = _pieces_per_document(sample.texts, list(tokenizers.values()), pc.max_tokens)
         documents = corpus.documents_in * pieces
-        # One prepared shard per input file (prepare's current sharding rule).
-        shards = corpus.files if corpus.files is not None else None
+        # prepare cuts the input stream every shard_docs documents or shard_bytes of text,
+        # whichever comes first (files are split and grouped; a lone large file still counts).
+        by_docs = math.ceil(corpus.documents_in.value / pc.shard_docs)
+        by_bytes = math.ceil(text_bytes.value / pc.shard_bytes)
+        shards = Figure(
+            max(1, by_docs, by_bytes),
+            _weakest("e", _weakest(corpus.documents_in.source, text_bytes.source)),
+        )
         stored, prepare_seconds = _prepare_cost(sample, list(tokenizers.values()), text_bytes)
         rows.append(
             Row(
@@ -460,8 +466,6 @@ def estimate(cfg: PipelineConfig) -> Estimate:
                 cpu_hours=_hours(prepare_seconds),
             )
         )
-        if shards is None:
-            notes.append("prepare: shards unknown without the input listing (one per input file)")
 
     # --- extract ------------------------------------------------------------------------
     tokens: dict[str, Figure] = {}
@@ -655,17 +659,16 @@ def _fused_bytes_per_token(k: int) -> float:
 
 
 def _pieces_per_document(texts: Sequence[str], tokenizers: Sequence[Any], limit: int) -> Figure:
-    """Prepared documents per input document: a document over `limit` tokens under any
-    tokenizer becomes about ceil(tokens / limit) pieces (sampled)."""
-    if not texts:
+    """Prepared documents per input document, from cutting the sample exactly as prepare
+    does (a document over `limit` tokens under any tokenizer is cut into pieces that fit all
+    of them, at line breaks or spaces where it can: more pieces than tokens / limit)."""
+    from fusion_etl.stages.prepare import split_to_fit
+    from fusion_etl.tokenization import offsets_encoder
+
+    encoders = [offsets_encoder(tok) for tok in tokenizers if tok is not None]
+    if not texts or not encoders:
         return Figure(1.0, "a")
-    longest = [0] * len(texts)
-    for tok in tokenizers:
-        if tok is None:
-            continue
-        for i, enc in enumerate(tok.encode_batch(list(texts), add_special_tokens=False)):
-            longest[i] = max(longest[i], len(enc.ids))
-    pieces = sum(max(1, math.ceil(n / limit)) for n in longest)
+    pieces = sum(max(1, len(split_to_fit(t, encoders, limit))) for t in texts)
     return Figure(pieces / len(texts), "s")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import sys
@@ -140,7 +141,8 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _describe_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    a, b = _flatten(old), _flatten(new)
+    # As recorded: JSON has no tuples, so compare the new identity the way it would be stored.
+    a, b = _flatten(old), _flatten(json.loads(json.dumps(new, default=str)))
     changed = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
     if not changed:
         return "the inputs or the code version changed"

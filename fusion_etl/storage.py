@@ -113,7 +113,6 @@ def _is_remote(protocol: str) -> bool:
     return protocol not in ("file", "memory")
 
 
-@lru_cache(maxsize=16)
 def _filesystem(protocol: str) -> Any:
     # Credentials come from the environment: a changed AWS_* variable means a new client.
     aws_env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))

@@ -15,7 +15,7 @@ from fusion_etl.config import PipelineConfig
 from fusion_etl.errors import FingerprintMismatchError, InputDataError
 from fusion_etl.manifest import read_manifest
 from fusion_etl.runner import run_stage
-from fusion_etl.schema import VOCAB_MAP, align_fuse_schema
+from fusion_etl.schema import VOCAB_MAP, align_fuse_schema, footer_metadata
 from fusion_etl.stages.align_fuse import AlignFuseStage
 from fusion_etl.tokenization import load_tokenizer
 from tests.conftest import kit_config
@@ -155,7 +155,9 @@ def test_doc_ids_must_line_up(extracted: Path, tmp_path: Path, test_kit: Any) ->
     source = cfg.sources[0].name
     shard = run_dir / "extract" / source / "part-00000.parquet"
     table = pq.read_table(shard)
+    # The footer's fusion_etl.* metadata (k, dtype, tokenizer) kept: only the order changes.
+    footer = footer_metadata(pq.ParquetFile(shard))
     reordered = table.take(np.arange(table.num_rows)[::-1].copy())
-    pq.write_table(reordered, shard)
+    pq.write_table(reordered.replace_schema_metadata(footer), shard)
     with pytest.raises(InputDataError, match=rf"doc_ids of source '{source}' do not line up"):
         run_stage(AlignFuseStage(), cfg)

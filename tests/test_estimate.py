@@ -63,7 +63,8 @@ def test_estimate_before_and_after_the_stages_run(test_kit: Any, tmp_path: Path)
 
     # Before: the whole (small) corpus fits the sample, so only the split factor is sampled.
     row = before[("prepare", "")]
-    assert row.shards is not None and row.shards.source == "m"
+    # Cut every prepare.shard_docs documents or shard_bytes of text: the rule prepare follows.
+    assert row.shards is not None and row.shards.source == "e"
     assert row.shards.value == len(prepared.shards)
     assert row.documents is not None and row.documents.source == "s"
     assert row.documents.value == pytest.approx(prepared.rows, rel=0.05)
@@ -140,7 +141,8 @@ def test_an_unreadable_corpus_needs_given_figures(test_kit: Any, tmp_path: Path)
     )
     result = estimate(cfg)
     row = by_stage(result)[("prepare", "")]
-    assert row.shards is not None and (row.shards.value, row.shards.source) == (3, "g")
+    # 1,000 documents at prepare.shard_docs=12 (the kit config's) documents per shard.
+    assert row.shards is not None and (row.shards.value, row.shards.source) == (84, "e")
     extract = by_stage(result)[("extract", "target")]
     # No text to tokenize: bytes_per_token (the default, so "assumed") plus one EOS each.
     assert extract.tokens is not None and extract.tokens.source == "a"
@@ -196,7 +198,7 @@ def test_cli_estimates_the_paper_job_without_its_corpus_or_models(
     }
     assert "1.00M" in lines["extract llama2_7b"] and "GiB e" in lines["extract llama2_7b"]
     assert "optimizer steps" in lines["train llama2_7b"]
-    assert "12 tasks g" in lines["prepare -"]
+    assert "1.41k tasks e" in lines["prepare -"]  # 5.9 GB in shards of 4 MiB
     assert "sources: m measured" in out and "wall clock: train:" in out
     # Unreadable and nothing given: one error line, exit 2.
     code = main(

@@ -457,7 +457,7 @@ def test_lost_worker_node_mid_stage_run_still_succeeds(test_kit: Any, tmp_path: 
         while not (
             records.exists()
             and len(list(records.iterdir())) >= 3
-            and cluster.busy_workers(node, "_commit_stream") >= 1
+            and cluster.busy_workers(node, "commit_stream") >= 1
         ):
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "the second node never got work"

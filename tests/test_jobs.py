@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -223,13 +224,16 @@ def test_pipeline_as_ray_jobs_with_single_stage_reruns(
         # The console of `submit --wait` (the job's own output, followed) and `ray job logs`:
         # fusion-etl's lines only; Ray's and the workers' went to the job's log file, which
         # was copied to <run_dir>/_logs/.
+        # Ray's prefix of a line it forwards from a worker: `(pid=1)`, `(commit_stream pid=1)`.
+        forwarded = re.compile(r"\((?:[\w.]+ )?pid=\d+")
         for text in (first.stdout + first.stderr, logs.stdout):
             assert "[fusion-etl] align_fuse: committed" in text
-            for noise in ("(pid=", "Loading weights", "Failed to query", "Running Dataset"):
+            assert not forwarded.search(text), forwarded.search(text)
+            for noise in ("Loading weights", "Failed to query", "Running Dataset"):
                 assert noise not in text, noise
         assert "[fusion-etl] train: step" in first.stdout + first.stderr
         job_logs = [u for u in storage.list_files(f"{run_url}/_logs") if u.endswith(".log")]
-        assert job_logs and any("(pid=" in storage.read_bytes(u).decode() for u in job_logs)
+        assert job_logs and any(forwarded.search(storage.read_bytes(u).decode()) for u in job_logs)
 
         # The secret of the credentials every node used appears in no output: not in the
         # objects written (stage state, manifests, records, shards, checkpoints, the model,

@@ -66,6 +66,8 @@ class Settings:
     lam: float = 0.9
     topk_mass: str = "renormalize"
     align_method: str = "dtw"
+    top_k: int = 10
+    """Positions' top-k kept by extract for the fusion (the sources' own training ignores it)."""
     temperature: float = 1.0
     """AvgCE's softmax(-CE / temperature)."""
     lr: float = 1e-3
@@ -151,10 +153,14 @@ class _Runner:
         # Run folders are named by the settings that make them, so that sweeps keep (and
         # reuse) what other settings built; a stage's fingerprint would refuse a mix anyway.
         self.source_tag = f"src-e{s.source_epochs}-lr{s.source_lr:g}"
-        self.fuse_tag = f"{self.source_tag}-{s.align_method}-t{s.temperature:g}"
+        # k other than the paper's 10 is named: its extract and fused shards are other runs.
+        self.extract_tag = self.source_tag + ("" if s.top_k == 10 else f"-k{s.top_k}")
+        self.fuse_tag = f"{self.extract_tag}-{s.align_method}-t{s.temperature:g}"
         self.target_tag = (
             f"{self.fuse_tag}-lam{s.lam:g}-{s.topk_mass}-lr{s.lr:g}-e{s.epochs}-b{s.block_size}"
         )
+        # CLM-only ignores lambda and the top-k's mass: one run serves every such setting.
+        self.clm_tag = f"{self.fuse_tag}-clm-lr{s.lr:g}-e{s.epochs}-b{s.block_size}"
 
     def config(self, run_dir: Path, data: dict[str, Any]) -> Any:
         from fusion_etl.config import parse_config
@@ -240,6 +246,7 @@ def _models(kit: Any, mode: str, runner: _Runner) -> tuple[dict[str, Any], list[
                 "prepare": {"input": str(runner.data[f"domain_{domain}"])},
                 "train": {
                     "lam": 1.0,
+                    "topk_mass": "renormalize",  # no fusion term: one source run for any setting
                     "epochs": s.source_epochs,
                     "lr": s.source_lr,
                     "seed": 0,
@@ -253,13 +260,16 @@ def _models(kit: Any, mode: str, runner: _Runner) -> tuple[dict[str, Any], list[
 
 def _fused(runner: _Runner, mode: str, sources: list[dict[str, Any]], fusion: str) -> Path:
     """The run folder whose align_fuse output is `fusion` (prepare and extract shared)."""
-    shared = runner.out / "fuse" / runner.source_tag / "_extract"
-    cfg = runner.config(shared, {"sources": sources})
+    shared = runner.out / "fuse" / runner.extract_tag / "_extract"
+    extract = {"extract": {"top_k": runner.s.top_k}}
+    cfg = runner.config(shared, {"sources": sources, **extract})
     runner.pipeline(cfg, upto="extract")
     run_dir = runner.out / "fuse" / runner.fuse_tag / fusion
     _link_upstream(shared, run_dir)
     runner.pipeline(
-        runner.config(run_dir, {"sources": sources, "align_fuse": _fusion(runner.s, fusion)}),
+        runner.config(
+            run_dir, {"sources": sources, "align_fuse": _fusion(runner.s, fusion), **extract}
+        ),
         upto="align_fuse",
     )
     return run_dir
@@ -297,16 +307,23 @@ def run_quality(mode: str, kit: Any, size: str, out: Path, settings: Settings) -
     for seed in settings.seeds:
         for variant in variants:
             fusion = "min_ce" if variant == "clm_only" else variant
-            run_dir = out / "targets" / runner.target_tag / variant / f"s{seed}"
+            clm = variant == "clm_only"
+            tag = runner.clm_tag if clm else runner.target_tag
+            run_dir = out / "targets" / tag / variant / f"s{seed}"
             _link_upstream(fused_dirs[fusion], run_dir)
-            lam = 1.0 if variant == "clm_only" else settings.lam
+            lam = 1.0 if clm else settings.lam
             _say(f"target {variant}, seed {seed} (lambda {lam})")
             cfg = runner.config(
                 run_dir,
                 {
                     "sources": sources,
                     "align_fuse": _fusion(settings, fusion),
-                    "train": {"lam": lam, "seed": seed},
+                    "extract": {"top_k": settings.top_k},
+                    "train": {
+                        "lam": lam,
+                        "seed": seed,
+                        **({"topk_mass": "renormalize"} if clm else {}),
+                    },
                 },
             )
             model = runner.train(cfg)
@@ -580,6 +597,7 @@ def bench_quality(args: argparse.Namespace) -> int:
         "lam",
         "topk_mass",
         "align_method",
+        "top_k",
         "lr",
         "epochs",
         "source_epochs",
@@ -624,6 +642,7 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--lam", type=float, help="lambda of the fused targets")
     q.add_argument("--topk-mass", choices=["renormalize", "rest"], help="train.topk_mass")
     q.add_argument("--align-method", choices=["dtw", "offsets"], help="align_fuse.align_method")
+    q.add_argument("--top-k", type=int, help="extract.top_k of the fused runs (default 10)")
     q.add_argument("--temperature", type=float, help="AvgCE temperature")
     q.add_argument("--lr", type=float, help="targets' peak learning rate")
     q.add_argument("--epochs", type=int, help="targets' passes over the mixture")

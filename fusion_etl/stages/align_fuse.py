@@ -153,7 +153,12 @@ def _load_vocab_map(url: str) -> npt.NDArray[np.int32]:
 
 def _check_extract(pf: pq.ParquetFile, url: str, model: ModelConfig) -> int:
     meta = footer_metadata(pf)
-    k = int(meta.get("fusion_etl.top_k", "0"))
+    if "fusion_etl.top_k" not in meta:
+        raise InputDataError(
+            f"extracted shard {url} has no fusion_etl.* metadata in its footer (not written by "
+            "fusion-etl extract, or rewritten without it); rerun extract"
+        )
+    k = int(meta["fusion_etl.top_k"])
     dtype = meta.get("fusion_etl.logprob_dtype", "float16")
     check_schema(pf.schema_arrow, extract_schema(k, dtype), where=f"extracted shard {url}")
     fp = meta.get("fusion_etl.tokenizer_fingerprint", "")
