@@ -163,6 +163,7 @@ class _Sample:
 class _Corpus:
     files: Figure | None
     documents_in: Figure  # non-empty input documents
+    records: Figure  # input documents, empty ones included (what prepare's shards are cut by)
     text_bytes: Figure
     sample: _Sample
     notes: tuple[str, ...]
@@ -243,6 +244,7 @@ def _survey_input(cfg: PipelineConfig) -> _Corpus:
             return _Corpus(
                 files=Figure(est.corpus_files, "g") if est.corpus_files else None,
                 documents_in=Figure(est.corpus_documents, "g"),
+                records=Figure(est.corpus_documents, "g"),
                 text_bytes=Figure(est.corpus_bytes, "g"),
                 sample=_Sample(),
                 notes=(
@@ -296,6 +298,7 @@ def _survey_input(cfg: PipelineConfig) -> _Corpus:
     return _Corpus(
         files=Figure(len(files), "m"),
         documents_in=Figure(non_empty, source),
+        records=Figure(documents, source),
         text_bytes=Figure(text_bytes, source),
         sample=sample,
         notes=(),
@@ -448,7 +451,7 @@ def estimate(cfg: PipelineConfig) -> Estimate:
         documents = corpus.documents_in * pieces
         # prepare cuts the input stream every shard_docs documents or shard_bytes of text,
         # whichever comes first (files are split and grouped; a lone large file still counts).
-        by_docs = math.ceil(corpus.documents_in.value / pc.shard_docs)
+        by_docs = math.ceil(corpus.records.value / pc.shard_docs)
         by_bytes = math.ceil(text_bytes.value / pc.shard_bytes)
         shards = Figure(
             max(1, by_docs, by_bytes),
