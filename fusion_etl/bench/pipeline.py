@@ -173,12 +173,19 @@ def _worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg = load_config(spec["job"], [f"extract.docs_per_call={spec['docs_per_call']}"])
     storage.configure(cfg.storage)
-    _scorer(require_local_model(cfg.target), "transformers", cfg.extract)
+    import torch
+
+    from fusion_etl.backends.dtypes import resolve_dtype
+
+    # What extract's driver resolves for an actor on this device (it plans it, the worker
+    # checks it).
+    dtype = resolve_dtype(cfg.extract.dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    _scorer(require_local_model(cfg.target), "transformers", cfg.extract, dtype)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     item = WorkItem(
         shard="part-00000.parquet",
         inputs=(spec["shard"],),
-        payload={"model": cfg.target.name, "backend": "transformers"},
+        payload={"model": cfg.target.name, "backend": "transformers", "dtype": dtype},
     )
     record = commit_shard(cfg, ExtractStage(), spec["out"], item)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -217,6 +224,14 @@ def bench_pipeline(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     job = _job(kit, args, out)
+    if args.part in ("all", "schedules"):
+        _print_schedules(job, out, args)
+    if args.part in ("all", "memory"):
+        _print_memory(job, out, args)
+    return 0
+
+
+def _print_schedules(job: Path, out: Path, args: argparse.Namespace) -> None:
     print(f"data plane of `run all` on the {args.size} kit ({args.repeats} repeat(s) each)")
     times = _schedules(job, out, args.repeats)
     base_wall = statistics.median(w for w, _ in times["staged"])
@@ -230,6 +245,8 @@ def bench_pipeline(args: argparse.Namespace) -> int:
             f"| {schedule} | {wall:.1f} | {wall / base_wall:.2f}x | {span:.1f} | {span / base_span:.2f}x |"
         )
 
+
+def _print_memory(job: Path, out: Path, args: argparse.Namespace) -> None:
     factor = args.factor
     small, big = _shards(job, out, factor)
     print(f"\npeak memory of an extract worker (target model), runs of {args.run_docs} documents")
@@ -253,7 +270,6 @@ def bench_pipeline(args: argparse.Namespace) -> int:
     for mode in ("streamed", "whole"):
         grow = above[(f"{factor}x", mode)] - above[("1x", mode)]
         print(f"{mode}: {factor}x shard holds {grow:+.0f} MiB more than the 1x shard")
-    return 0
 
 
 def add_parser(sub: Any) -> None:
@@ -278,6 +294,12 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=32,
         help="documents per run in the streamed measurement (default 32)",
+    )
+    p.add_argument(
+        "--part",
+        choices=["all", "schedules", "memory"],
+        default="all",
+        help="both measurements (default), or only the schedules or the worker memory",
     )
     p.set_defaults(run=bench_pipeline)
 
