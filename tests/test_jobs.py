@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,29 +23,11 @@ import pytest
 from fusion_etl import storage
 from fusion_etl.config import StorageConfig, to_dict
 from tests.conftest import kit_config
+from tests.raycluster import _worker_port_base, free_ports
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all sockets held open until all are chosen)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def _worker_port_base() -> int:
-    """A block of 100 ports below the kernel's ephemeral range, where the free ports above
-    (and every other client socket) come from, so the two never overlap."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    return 10000 + secrets.randbelow(max(1, (low - 10100) // 100)) * 100
 
 
 # Temp dir of each head started here (its Ray session logs are searched for secrets).
@@ -67,7 +48,7 @@ def ray_head() -> Iterator[str]:
         agent_grpc,
         runtime_env,
         metrics,
-    ) = _free_ports(9)
+    ) = free_ports(9)
     worker_base = _worker_port_base()
     env = {
         **os.environ,
