@@ -52,6 +52,9 @@ __all__ = [
 T = TypeVar("T")
 
 _RUNTIME = {"fingerprint": False}
+# A field added after runs were made, whose default keeps the old behaviour: left out of the
+# fingerprint while at that default, so that those runs stay valid (and are not redone).
+_ADDED = {"fingerprint": "unless_default"}
 
 
 @dataclass(frozen=True)
@@ -220,6 +223,11 @@ class AlignFuseConfig:
 
     align_method: Literal["dtw", "offsets"] = "dtw"
     """`dtw`: the reference's edit-distance DTW; `offsets`: linear time via character spans."""
+    match: Literal["token", "boundary"] = field(default="token", metadata=_ADDED)
+    """Which target positions take a source's distribution. `token` (the paper): positions
+    aligned 1:1 to a source token with the same bytes. `boundary`: positions whose token ends
+    at the same character as a source token, so both predict the next token from the same
+    text (needs align_method `offsets`, which reads the character spans)."""
     fusion: Literal["min_ce", "avg_ce"] = "min_ce"
     level: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["token", "byte"] = "token"
@@ -601,6 +609,11 @@ def _validate(obj: Any, prefix: str) -> None:
             fail("top_k", f"must be 0 (extract.top_k) or positive, got {obj.top_k}")
         if obj.row_group_docs < 1:
             fail("row_group_docs", f"must be at least 1, got {obj.row_group_docs}")
+        if obj.match == "boundary" and obj.align_method != "offsets":
+            fail(
+                "match",
+                "`boundary` pairs tokens by their character spans: set align_method: offsets",
+            )
     if isinstance(obj, TrainConfig):
         if not 0.0 <= obj.lam <= 1.0:
             fail("lam", f"must be in [0, 1], got {obj.lam}")
@@ -818,7 +831,11 @@ def fingerprint_fields(obj: Any) -> Any:
         return {
             f.name: fingerprint_fields(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if f.metadata.get("fingerprint", True)
+            if f.metadata.get("fingerprint", True) is True
+            or (
+                f.metadata.get("fingerprint") == "unless_default"
+                and getattr(obj, f.name) != f.default
+            )
         }
     if isinstance(obj, tuple | list):
         return [fingerprint_fields(v) for v in obj]

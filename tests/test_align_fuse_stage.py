@@ -110,25 +110,34 @@ def test_align_fuse_outputs(extracted: Path, tmp_path: Path, test_kit: Any) -> N
     np.testing.assert_allclose(w, expected, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["dtw", "offsets"])
+@pytest.mark.parametrize(
+    ("method", "match"), [("dtw", "token"), ("offsets", "token"), ("offsets", "boundary")]
+)
 def test_a_source_identical_to_the_target_reproduces_the_target(
-    extracted: Path, tmp_path: Path, test_kit: Any, method: str
+    extracted: Path, tmp_path: Path, test_kit: Any, method: str, match: str
 ) -> None:
     # The target once more, as a source under another name: the alignment is the diagonal, the
     # vocabulary map the identity, every position matches, the CEs tie (the target, first,
     # wins MinCE), and the fused distributions are the target's own top-k, exactly.
-    run_dir = _copy(extracted, tmp_path, f"identity-{method}")
+    run_dir = _copy(extracted, tmp_path, f"identity-{method}-{match}")
     shutil.copytree(run_dir / "extract" / "target", run_dir / "extract" / "twin")
     cfg = _cfg(
         test_kit,
         run_dir,
         f"sources=[{{name: twin, path: {test_kit.target.path}}}]",
         f"align_fuse.align_method={method}",
+        f"align_fuse.match={match}",
     )
     assert run_stage(AlignFuseStage(), cfg).complete
     fused = _table(str(run_dir / "align_fuse"))
     target = _table(str(run_dir / "extract" / "target"))
-    assert fused.column("matched_fraction").to_pylist() == [[1.0]] * fused.num_rows
+    if match == "token":
+        assert fused.column("matched_fraction").to_pylist() == [[1.0]] * fused.num_rows
+    else:
+        # Every position but the last (nothing follows it) shares its end with its twin.
+        lengths = [len(ids) for ids in fused.column("input_ids").to_pylist()]
+        got = [f[0] for f in fused.column("matched_fraction").to_pylist()]
+        assert got == pytest.approx([(n - 1) / n for n in lengths], rel=1e-6)
     assert fused.column("source_weights").to_pylist() == [[1.0, 0.0]] * fused.num_rows
     for got, want_ids, want_lp in zip(
         fused.to_pylist(),
@@ -147,6 +156,29 @@ def test_a_source_identical_to_the_target_reproduces_the_target(
             assert list(g_p) == sorted(g_p, reverse=True)
     vm = pq.read_table(run_dir / "vocab_map" / "twin.parquet")
     assert vm.column("target_id").to_pylist() == vm.column("source_id").to_pylist()
+
+
+def test_boundary_matching_pairs_more_positions_than_equal_tokens(
+    extracted: Path, tmp_path: Path, test_kit: Any
+) -> None:
+    # The kit's sources tokenize differently from the target: equal 1:1 tokens are a fraction
+    # of the positions, while tokens that end at the same character (word ends at least) are
+    # many more. Positions paired both ways carry the same source distribution.
+    fractions = {}
+    tables = {}
+    for match in ("token", "boundary"):
+        run_dir = _copy(extracted, tmp_path, f"match-{match}")
+        cfg = _cfg(
+            test_kit, run_dir, "align_fuse.align_method=offsets", f"align_fuse.match={match}"
+        )
+        assert run_stage(AlignFuseStage(), cfg).complete
+        tables[match] = _table(str(run_dir / "align_fuse"))
+        fractions[match] = np.array(tables[match].column("matched_fraction").to_pylist())
+    lengths = np.array([len(x) for x in tables["token"].column("input_ids").to_pylist()])
+    token = (fractions["token"] * lengths[:, None]).sum(axis=0) / lengths.sum()
+    boundary = (fractions["boundary"] * lengths[:, None]).sum(axis=0) / lengths.sum()
+    assert (boundary > token + 0.1).all(), (token, boundary)
+    assert (boundary > 0.6).all(), boundary
 
 
 def test_doc_ids_must_line_up(extracted: Path, tmp_path: Path, test_kit: Any) -> None:

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from fusion_etl.align.fusion import Candidate, fuse, merge_topk, one_to_one_pairs, transfer
+from fusion_etl.align.fusion import (
+    Candidate,
+    boundary_pairs,
+    fuse,
+    merge_topk,
+    one_to_one_pairs,
+    transfer,
+)
 
 
 def test_merge_topk_sums_collisions_orders_and_pads() -> None:
@@ -33,6 +40,49 @@ def test_one_to_one_pairs() -> None:
     path = [(0, 0), (1, 1), (1, 2), (2, 3), (3, 3), (4, 4)]
     s, t = one_to_one_pairs(path, 5, 5)
     assert list(zip(s.tolist(), t.tolist(), strict=True)) == [(0, 0), (4, 4)]
+
+
+def test_boundary_pairs_pair_the_last_token_of_each_shared_end() -> None:
+    # Text "ab cd—e" (the dash is one character that a byte-level tokenizer splits in three).
+    # Target: BOS, "ab", " cd", "—", "e", EOS. Source: BOS, "a", "b", " c", "d", 3 byte pieces of
+    # "—" (all spanning it), "e", EOS.
+    target = [(0, 0), (0, 2), (2, 5), (5, 6), (6, 7), (7, 7)]
+    source = [(0, 0), (0, 1), (1, 2), (2, 4), (4, 5), (5, 6), (5, 6), (5, 6), (6, 7), (7, 7)]
+    s, t = boundary_pairs(source, target)
+    # Ends shared: 0 (BOS), 2 ("ab" / "b"), 5 (" cd" / "d"), 6 (the dash / its last byte piece)
+    # and 7 ("e", which predicts the EOS; the EOS itself, the last position, predicts nothing).
+    assert list(zip(s.tolist(), t.tolist(), strict=True)) == [
+        (0, 0),
+        (2, 1),
+        (4, 2),
+        (7, 3),
+        (8, 4),
+    ]
+    # An equal tokenization pairs every position but the last with itself.
+    s, t = boundary_pairs(target, target)
+    assert s.tolist() == t.tolist() == list(range(len(target) - 1))
+    assert [x.tolist() for x in boundary_pairs([], target)] == [[], []]
+    # The same three byte pieces of the dash on both sides pair in order.
+    target_bytes = [(0, 0), (0, 2), (2, 5), (5, 6), (5, 6), (5, 6), (6, 7), (7, 7)]
+    s, t = boundary_pairs(source, target_bytes)
+    assert list(zip(s.tolist(), t.tolist(), strict=True))[3:] == [(5, 3), (6, 4), (7, 5), (8, 6)]
+
+
+def test_transfer_takes_given_pairs_whatever_the_tokens() -> None:
+    # Pairs given (by character ends): source position 2 -> target position 0 although the
+    # tokens differ; position 1 unpaired gets the one-hot on the next token.
+    ids, probs, matched = transfer(
+        [],
+        source_ids=np.array([0, 1, 2]),
+        target_ids=np.array([10, 11]),
+        source_topk_ids=np.array([[0, 1], [1, 2], [2, 0]]),
+        source_topk_logprobs=np.array([_lp(0.5, 0.4), _lp(0.6, 0.3), _lp(0.9, 0.1)]),
+        vocab_map=np.array([10, 11, 12]),
+        pairs=(np.array([2]), np.array([0])),
+    )
+    assert matched.tolist() == [True, False]
+    assert ids[0].tolist() == [12, 10] and probs[0] == pytest.approx([0.9, 0.1])
+    assert ids[1].tolist() == [-1, -1]
 
 
 def _lp(*p: float) -> list[float]:

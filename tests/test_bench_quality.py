@@ -32,6 +32,11 @@ def _bench(test_kit: Any, tmp_path: Path, *args: str) -> dict[str, Any]:
             "0",
             "--out",
             str(out),
+            # A smoke test: the paper's k and one pass, not the modes' tuned defaults.
+            "--top-k",
+            "10",
+            "--epochs",
+            "1",
             *args,
         ],
         cwd=tmp_path,
@@ -61,7 +66,18 @@ def _bench(test_kit: Any, tmp_path: Path, *args: str) -> dict[str, Any]:
 
 
 def test_hetero_smoke(test_kit: Any, tmp_path: Path) -> None:
-    result = _bench(test_kit, tmp_path, "--mode", "hetero", "--variants", "clm_only,min_ce_byte")
+    result = _bench(
+        test_kit,
+        tmp_path,
+        "--mode",
+        "hetero",
+        "--variants",
+        "clm_only,min_ce_byte",
+        "--align-method",
+        "offsets",
+        "--match",
+        "boundary",
+    )
     variants = {r["variant"] for r in result["rows"]}
     assert variants == {
         "base",

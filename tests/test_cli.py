@@ -38,6 +38,21 @@ def test_unknown_arguments_and_stages(capsys: pytest.CaptureFixture[str], tmp_pa
     assert "--until goes with 'all'" in capsys.readouterr().err
     assert main(["run", "all", "--config", str(job), "--until", "fuse"]) == 2
     assert "unknown stage 'fuse'" in capsys.readouterr().err
+    # A bench's bad options are one line too, before it builds anything.
+    out = tmp_path / "quality"
+    argv = ["bench", "quality", "--mode", "table7", "--match", "boundary", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --match boundary") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bench_quality_help_shows_each_modes_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--help"])
+    out = capsys.readouterr().out
+    assert "table7: lam=0.5, topk_mass=rest, align_method=dtw, match=token, top_k=200" in out
+    assert "hetero: lam=0.5, topk_mass=rest, align_method=dtw, match=token, top_k=200" in out
 
 
 @pytest.mark.slow

@@ -106,6 +106,7 @@ def test_interpolation_follows_overrides() -> None:
         (["target.name=a/b"], "target.name: 'a/b' must use letters"),
         (["noequals"], "expected key.sub=value"),
         (["run_dir=${nowhere}"], "${nowhere}: no such key"),
+        (["align_fuse.match=boundary"], "align_fuse.match: `boundary` pairs tokens by their"),
     ],
 )
 def test_invalid_values_name_the_key(overrides: list[str], message: str) -> None:
@@ -150,3 +151,20 @@ def test_fingerprint_ignores_how_and_tracks_what() -> None:
     assert fa == fb
     assert fa != fc
     assert fingerprint({"x": 1, "y": 2}) == fingerprint({"y": 2, "x": 1})
+
+
+def test_a_field_added_later_is_fingerprinted_only_off_its_default() -> None:
+    # align_fuse.match came after runs existed: at its default ("token", the old behaviour) it
+    # is not in the fingerprint, so those runs stay valid; set otherwise, it is.
+    token = fingerprint_fields(parse_config(BASE).align_fuse)
+    boundary = fingerprint_fields(
+        parse_config(
+            BASE, ["align_fuse.align_method=offsets", "align_fuse.match=boundary"]
+        ).align_fuse
+    )
+    assert "match" not in token
+    assert boundary["match"] == "boundary"
+    assert {k: v for k, v in boundary.items() if k != "match"} == {
+        **token,
+        "align_method": "offsets",
+    }

@@ -11,6 +11,13 @@ ids that collide summed. Every other position gets a one-hot on the **next** tar
 (i+1); the reference FuseLLM put it on token i (its bug B1). The last position has no next
 token: it stays empty, and training never reads it (labels are shifted).
 
+`boundary_pairs` is a wider choice of pairs than the 1:1 equal tokens: target position i takes
+source position j when both tokens end at the same character of the text. What makes a source's
+next-token distribution usable at a target position is that both predict from the same text
+(the same character), and an equal token pair is only the special case of that where the tokens
+also start together. Tokenizers of different granularity meet at most word ends while splitting
+words differently, so this pairs far more positions than equal tokens do.
+
 Fusion (per document, over the target's own distribution and every source's transferred one):
 - `min_ce`: the candidate with the lowest cross-entropy wins;
 - `avg_ce`: a weighted sum with weights softmax(-CE / temperature) (not the reference's
@@ -33,6 +40,7 @@ import numpy.typing as npt
 __all__ = [
     "Candidate",
     "Fused",
+    "boundary_pairs",
     "fuse",
     "merge_topk",
     "one_to_one_pairs",
@@ -100,6 +108,40 @@ def one_to_one_pairs(
     return s[one], t[one]
 
 
+def boundary_pairs(
+    source_spans: Sequence[tuple[int, int]], target_spans: Sequence[tuple[int, int]]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(source, target) positions whose tokens end at the same character of the text.
+
+    Several tokens can end at one character: the byte pieces of one character, or
+    SentencePiece's lone `▁` before a letter, all span it. Where both sides have as many such
+    tokens they are the same pieces and pair in order; otherwise only the last of each side
+    pairs, since its next token is the first that starts after that end, so it is the one
+    that predicts from exactly that text. The last position of either side is left out:
+    nothing follows it (the target's is never trained on, and a source's predicts past the
+    text), so a trailing zero-width EOS does not take the place of the text's last token.
+    Spans are character offsets into one text, both in token order.
+    """
+
+    def by_end(spans: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for i, (_, end) in enumerate(spans[:-1]):
+            out.setdefault(int(end), []).append(i)
+        return out
+
+    src = by_end(source_spans)
+    tgt = by_end(target_spans)
+    s_idx: list[int] = []
+    t_idx: list[int] = []
+    for end in sorted(set(src) & set(tgt)):
+        s_group, t_group = src[end], tgt[end]
+        if len(s_group) != len(t_group):
+            s_group, t_group = s_group[-1:], t_group[-1:]
+        s_idx += s_group
+        t_idx += t_group
+    return np.asarray(s_idx, dtype=np.int64), np.asarray(t_idx, dtype=np.int64)
+
+
 def transfer(
     path: Sequence[tuple[int, int]],
     *,
@@ -110,6 +152,7 @@ def transfer(
     vocab_map: npt.NDArray[np.integer],
     source_token_keys: npt.NDArray[np.integer] | None = None,
     target_token_keys: npt.NDArray[np.integer] | None = None,
+    pairs: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Carry a source's top-k onto the target's positions.
 
@@ -120,6 +163,8 @@ def transfer(
         vocab_map: source id -> target id.
         source_token_keys, target_token_keys: optional per-vocabulary keys (e.g. hashes of the
             bytes each token stands for) indexed by token id; equal keys also count as a match.
+        pairs: (source, target) positions to transfer, used as given instead of the path's
+            1:1 pairs of matching tokens (e.g. `boundary_pairs`); `path` is then ignored.
 
     Returns:
         (ids [n_t, k], probs [n_t, k], matched [n_t]): transferred distributions in the target
@@ -127,13 +172,18 @@ def transfer(
     """
     n_t = len(target_ids)
     k = source_topk_ids.shape[1]
-    s_idx, t_idx = one_to_one_pairs(path, len(source_ids), n_t)
-    src_tok = np.asarray(source_ids, dtype=np.int64)[s_idx]
-    tgt_tok = np.asarray(target_ids, dtype=np.int64)[t_idx]
-    match = np.asarray(vocab_map, dtype=np.int64)[src_tok] == tgt_tok
-    if source_token_keys is not None and target_token_keys is not None:
-        match |= np.asarray(source_token_keys)[src_tok] == np.asarray(target_token_keys)[tgt_tok]
-    s_idx, t_idx = s_idx[match], t_idx[match]
+    if pairs is not None:
+        s_idx, t_idx = (np.asarray(p, dtype=np.int64) for p in pairs)
+    else:
+        s_idx, t_idx = one_to_one_pairs(path, len(source_ids), n_t)
+        src_tok = np.asarray(source_ids, dtype=np.int64)[s_idx]
+        tgt_tok = np.asarray(target_ids, dtype=np.int64)[t_idx]
+        match = np.asarray(vocab_map, dtype=np.int64)[src_tok] == tgt_tok
+        if source_token_keys is not None and target_token_keys is not None:
+            match |= (
+                np.asarray(source_token_keys)[src_tok] == np.asarray(target_token_keys)[tgt_tok]
+            )
+        s_idx, t_idx = s_idx[match], t_idx[match]
 
     # Default: one-hot on the next target token; the last position has none and stays empty.
     ids = np.full((n_t, k), -1, dtype=np.int64)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fusion_etl.errors import UserError
+from fusion_etl.redaction import scrub
+
 __all__ = ["main"]
 
 
@@ -31,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     for module in (extract, align, train, pipeline, quality):
         module.add_parser(sub)
     args = parser.parse_args(argv)
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+    except UserError as exc:
+        # A bad option or input is one line, as in every other command.
+        print(scrub("error: " + " ".join(str(exc).split())), file=sys.stderr)
+        return 2
     return code
 
 

@@ -337,7 +337,7 @@ class AlignFuseStage:
     ) -> pa.Table:
         """One run of documents, every model's rows of it in `tables`: the fused table."""
         from fusion_etl.align.dtw import align_tokens
-        from fusion_etl.align.fusion import Candidate, fuse, transfer
+        from fusion_etl.align.fusion import Candidate, boundary_pairs, fuse, transfer
 
         ac = cfg.align_fuse
         doc_ids = tables[0].column("doc_id").to_pylist()
@@ -376,21 +376,29 @@ class AlignFuseStage:
             )
             cands = [tgt]
             fractions = []
+            t_spans: list[tuple[int, int]] | None = None  # the target's spans, once per document
             for s in range(1, len(cfg.models)):
                 s_ids = ids[s][d]
+                pairs = None
                 if ac.align_method == "dtw":
                     path = align_tokens(
                         list(tokens_of[s][s_ids]), list(tokens_of[0][t_ids]), method="dtw"
                     )
                 else:
                     assert texts is not None
-                    path = align_tokens(
-                        list(tokens_of[s][s_ids]),
-                        list(tokens_of[0][t_ids]),
-                        method="offsets",
-                        source_offsets=_offsets(cfg, cfg.models[s], texts[d], s_ids),
-                        target_offsets=_offsets(cfg, cfg.models[0], texts[d], t_ids),
-                    )
+                    s_spans = _offsets(cfg, cfg.models[s], texts[d], s_ids)
+                    if t_spans is None:
+                        t_spans = _offsets(cfg, cfg.models[0], texts[d], t_ids)
+                    if ac.match == "boundary":
+                        path, pairs = [], boundary_pairs(s_spans, t_spans)
+                    else:
+                        path = align_tokens(
+                            list(tokens_of[s][s_ids]),
+                            list(tokens_of[0][t_ids]),
+                            method="offsets",
+                            source_offsets=s_spans,
+                            target_offsets=t_spans,
+                        )
                 c_ids, c_probs, c_matched = transfer(
                     path,
                     source_ids=s_ids,
@@ -400,6 +408,7 @@ class AlignFuseStage:
                     vocab_map=vmaps[s - 1],
                     source_token_keys=keys[s],
                     target_token_keys=keys[0],
+                    pairs=pairs,
                 )
                 fractions.append(float(c_matched.mean()) if n_t else 0.0)
                 cands.append(
