@@ -227,7 +227,9 @@ class AlignFuseConfig:
     """Which target positions take a source's distribution. `token` (the paper): positions
     aligned 1:1 to a source token with the same bytes. `boundary`: positions whose token ends
     at the same character as a source token, so both predict the next token from the same
-    text (needs align_method `offsets`, which reads the character spans)."""
+    text (needs align_method `offsets`, which reads the character spans). On the demo kit
+    boundary matched 72-93% of positions against 41-53%, yet trained no better targets except
+    with token-level fusion: the extra positions' next tokens are cut differently (README)."""
     fusion: Literal["min_ce", "avg_ce"] = "min_ce"
     level: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["token", "byte"] = "token"

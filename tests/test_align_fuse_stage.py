@@ -163,7 +163,7 @@ def test_boundary_matching_pairs_more_positions_than_equal_tokens(
 ) -> None:
     # The kit's sources tokenize differently from the target: equal 1:1 tokens are a fraction
     # of the positions, while tokens that end at the same character (word ends at least) are
-    # many more. Positions paired both ways carry the same source distribution.
+    # many more.
     fractions = {}
     tables = {}
     for match in ("token", "boundary"):
