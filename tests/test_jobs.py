@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from fusion_etl import storage
 from fusion_etl.config import StorageConfig, to_dict
 from tests.conftest import kit_config
-from tests.raycluster import _worker_port_base, free_ports
+from tests.raycluster import start_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,68 +31,12 @@ HEAD_TEMP_DIRS: dict[str, str] = {}
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """`ray start --head --block` with its own ports and temp dir; stopped (only it) afterwards."""
-    temp_dir = f"/tmp/fe-{secrets.token_hex(3)}"  # short: Ray's socket paths must stay short
-    (
-        gcs,
-        dashboard,
-        client,
-        node_manager,
-        object_manager,
-        agent_listen,
-        agent_grpc,
-        runtime_env,
-        metrics,
-    ) = free_ports(9)
-    worker_base = _worker_port_base()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={client}", f"--node-manager-port={node_manager}",
-        f"--object-manager-port={object_manager}", f"--dashboard-agent-listen-port={agent_listen}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--min-worker-port={worker_base}",
-        f"--max-worker-port={worker_base + 99}", f"--temp-dir={temp_dir}", "--object-store-memory=268435456",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    log = open(f"{temp_dir}.log", "wb")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"ray start failed: {Path(f'{temp_dir}.log').read_text()[-3000:]}"
-                ) from None
-            time.sleep(0.5)
-    HEAD_TEMP_DIRS[address] = temp_dir
+    head = start_head()
+    HEAD_TEMP_DIRS[head.address] = head.temp_dir
     try:
-        yield address
+        yield head.address
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        # Processes of this cluster only: those started under its temp dir.
-        for p in psutil.process_iter(["cmdline"]):
-            if temp_dir in " ".join(p.info["cmdline"] or []):
-                p.kill()
-        log.close()
+        head.stop()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
