@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,7 +96,9 @@ class Settings:
 
 
 def _say(msg: str) -> None:
-    print(f"[quality] {msg}", flush=True)
+    # One write per line: trainings and align_fuse runs report from several threads.
+    sys.stdout.write(f"[quality] {msg}\n")
+    sys.stdout.flush()
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -294,21 +297,37 @@ def _models(kit: Any, mode: str, runner: _Runner) -> tuple[dict[str, Any], list[
     return base, sources
 
 
-def _fused(runner: _Runner, mode: str, sources: list[dict[str, Any]], fusion: str) -> Path:
-    """The run folder whose align_fuse output is `fusion` (prepare and extract shared)."""
+def _fused(runner: _Runner, sources: list[dict[str, Any]], fusions: list[str]) -> dict[str, Path]:
+    """Per fusion, the run folder whose align_fuse output it is. prepare and extract are made
+    once and shared; the align_fuse runs (one CPU-bound task each) go two at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusion_etl.runner import run_stage
+    from fusion_etl.stages import get_stage
+
     shared = runner.out / "fuse" / runner.extract_tag / "_extract"
     extract = {"extract": {"top_k": runner.s.top_k}}
-    cfg = runner.config(shared, {"sources": sources, **extract})
-    runner.pipeline(cfg, upto="extract")
-    run_dir = runner.out / "fuse" / runner.fuse_tag / fusion
-    _link_upstream(shared, run_dir)
-    runner.pipeline(
-        runner.config(
-            run_dir, {"sources": sources, "align_fuse": _fusion(runner.s, fusion), **extract}
-        ),
-        upto="align_fuse",
+    runner.pipeline(runner.config(shared, {"sources": sources, **extract}), upto="extract")
+    dirs = {f: runner.out / "fuse" / runner.fuse_tag / f for f in fusions}
+
+    def one(fusion: str) -> None:
+        _link_upstream(shared, dirs[fusion])
+        _say(f"align_fuse {fusion}")
+        align = {"align_fuse": _fusion(runner.s, fusion)}
+        cfg = runner.config(dirs[fusion], {"sources": sources, **align, **extract})
+        # Only align_fuse: prepare and extract are the shared (linked) ones, made above.
+        run_stage(get_stage("align_fuse"), cfg)
+
+    from fusion_etl.ray_utils import init_ray
+
+    init_ray(runner.config(shared, {}).ray)  # once, before any thread could race to start it
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=min(2, len(fusions)), thread_name_prefix="fuse") as pool:
+        list(pool.map(one, fusions))  # list(): the first failure is raised here
+    runner.timings["align_fuse"] = runner.timings.get("align_fuse", 0.0) + (
+        time.monotonic() - started
     )
-    return run_dir
+    return dirs
 
 
 def _fusion(settings: Settings, fusion: str) -> dict[str, Any]:
@@ -331,10 +350,7 @@ def run_quality(mode: str, kit: Any, size: str, out: Path, settings: Settings) -
     if unknown:
         raise SystemExit(f"unknown variants for {mode}: {', '.join(unknown)}")
     fusions = sorted({v for v in variants if v != "clm_only"} | {"min_ce"})
-    fused_dirs = {}
-    for fusion in fusions:
-        _say(f"align_fuse {fusion}")
-        fused_dirs[fusion] = _fused(runner, mode, sources, fusion)
+    fused_dirs = _fused(runner, sources, fusions)
 
     eval_models: list[dict[str, Any]] = [base, *sources]
     naming: dict[str, tuple[str, int | None]] = {"base": ("base", None)}
