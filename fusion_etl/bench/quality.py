@@ -81,9 +81,9 @@ class Settings:
     warmup_ratio: float = 0.05
     workers: int = 1
     parallel: int = 0
-    """Targets trained at the same time, each on its own Ray Train run of `workers` workers
-    of one CPU (0: as many as the machine has CPUs for). Seeds and variants are independent
-    runs, so this changes the wall time only, never a result."""
+    """Models trained (and align_fuse runs made) at the same time, each its own run, a
+    training of `workers` workers of one CPU (0: as many as the machine has CPUs for). They
+    are independent runs, so this changes the wall time only, never a result."""
     source_epochs: int = 2
     """table7: passes of each source over its domain's training pool (the head start)."""
     source_lr: float = 2e-3
@@ -229,22 +229,30 @@ class _Runner:
             if name == upto:
                 return
 
-    def train_all(self, jobs: list[tuple[str, Any]]) -> None:
-        """Train every (name, config) job, `parallel` at a time: each is its own Ray Train run
-        in its own run folder (and under its own lease), so they only share the cores."""
+    def in_parallel(self, label: str, fn: Callable[[Any], None], items: list[Any]) -> None:
+        """`fn` on every item, `parallel` at a time (each is its own stage run in its own run
+        folder, under its own lease, so they only share the cores); timed as `label`."""
         from concurrent.futures import ThreadPoolExecutor
 
         from fusion_etl.ray_utils import init_ray
-        from fusion_etl.stages.train import TrainStage
 
-        if not jobs:
+        if not items:
             return
         cpus = self.s.workers * (1.0 if self.s.workers == 1 else 0.5)
-        width = self.s.parallel or max(1, int((os.cpu_count() or 1) // cpus))
-        width = min(width, len(jobs))
-        init_ray(jobs[0][1].ray)  # once, before any thread could race to start it
-        _say(f"training {len(jobs)} models, {width} at a time")
-        started = time.monotonic()
+        width = min(self.s.parallel or max(1, int((os.cpu_count() or 1) // cpus)), len(items))
+        init_ray(self.config(self.out, {}).ray)  # once, before any thread could race to start it
+
+        def run_all() -> None:
+            with ThreadPoolExecutor(max_workers=width, thread_name_prefix=label) as pool:
+                list(pool.map(fn, items))  # list(): the first failure is raised here
+
+        self.timed(label, run_all)
+
+    def train_all(self, jobs: list[tuple[str, Any]]) -> None:
+        """Train every (name, config) job, `parallel` at a time."""
+        from fusion_etl.stages.train import TrainStage
+
+        _say(f"training {len(jobs)} models")
 
         def one(job: tuple[str, Any]) -> None:
             name, cfg = job
@@ -252,10 +260,7 @@ class _Runner:
             TrainStage().run(cfg)
             _say(f"{name} trained in {time.monotonic() - t0:.0f} s")
 
-        with ThreadPoolExecutor(max_workers=width, thread_name_prefix="target") as pool:
-            # list(): re-raise the first failure here rather than dropping it.
-            list(pool.map(one, jobs))
-        self.timings["train"] = self.timings.get("train", 0.0) + time.monotonic() - started
+        self.in_parallel("train", one, jobs)
 
 
 def _link_upstream(src: Path, dest: Path) -> None:
@@ -299,9 +304,7 @@ def _models(kit: Any, mode: str, runner: _Runner) -> tuple[dict[str, Any], list[
 
 def _fused(runner: _Runner, sources: list[dict[str, Any]], fusions: list[str]) -> dict[str, Path]:
     """Per fusion, the run folder whose align_fuse output it is. prepare and extract are made
-    once and shared; the align_fuse runs (one CPU-bound task each) go two at a time."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    once and shared; the align_fuse runs (one CPU-bound task each) go `parallel` at a time."""
     from fusion_etl.runner import run_stage
     from fusion_etl.stages import get_stage
 
@@ -318,15 +321,7 @@ def _fused(runner: _Runner, sources: list[dict[str, Any]], fusions: list[str]) -
         # Only align_fuse: prepare and extract are the shared (linked) ones, made above.
         run_stage(get_stage("align_fuse"), cfg)
 
-    from fusion_etl.ray_utils import init_ray
-
-    init_ray(runner.config(shared, {}).ray)  # once, before any thread could race to start it
-    started = time.monotonic()
-    with ThreadPoolExecutor(max_workers=min(2, len(fusions)), thread_name_prefix="fuse") as pool:
-        list(pool.map(one, fusions))  # list(): the first failure is raised here
-    runner.timings["align_fuse"] = runner.timings.get("align_fuse", 0.0) + (
-        time.monotonic() - started
-    )
+    runner.in_parallel("align_fuse", one, fusions)
     return dirs
 
 
@@ -741,7 +736,8 @@ def add_parser(sub: Any) -> None:
     q.add_argument(
         "--parallel",
         type=int,
-        help="targets trained at once (default: one per CPU; results do not depend on it)",
+        help="models trained and align_fuse runs made at once (default: one per CPU; "
+        "results do not depend on it)",
     )
     q.add_argument(
         "--weight-temperature", type=float, help="temperature of the performance weights"
