@@ -17,9 +17,9 @@ def quiet_transformers() -> Iterator[None]:
     A bar per save or load of a one-shard model only buries the kit's own log lines.
     """
     was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if was_enabled:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+            hf_logging.enable_progress_bar()

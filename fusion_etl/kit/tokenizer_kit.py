@@ -256,8 +256,7 @@ def train_tokenizer(
         tok = _train_unigram(texts, vocab_size, specials)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    # transformers leaves this constructor unannotated.
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=specials.eos,
         bos_token=specials.bos,
